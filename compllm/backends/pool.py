@@ -1,0 +1,64 @@
+"""Model aliases -> loaded backends, one shared copy per distinct weights/dtype/device."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Mapping
+
+from compllm.backends.base import Backend, BackendError
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    """Loads models lazily by alias; experts naming the same model share one loaded copy."""
+
+    def __init__(self, models: Mapping[str, Mapping[str, Any]], cache_dir: str | None = None):
+        self.specs = {alias: dict(spec) for alias, spec in models.items()}
+        self.cache_dir = cache_dir
+        self._loaded: dict[tuple, Backend] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def spec(self, alias: str) -> dict:
+        try:
+            return self.specs[alias]
+        except KeyError:
+            raise BackendError(f"unknown model {alias!r}; configured models: {', '.join(self.specs) or '(none)'}") from None
+
+    def _key(self, alias: str) -> tuple:
+        spec = self.spec(alias)
+        return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "bfloat16"), spec.get("device", "auto"))
+
+    def get(self, alias: str) -> Backend:
+        key = self._key(alias)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = self._load(alias)
+            return self._loaded[key]
+
+    def loaded(self) -> dict[str, Backend]:
+        """Alias -> backend for every alias whose weights are currently loaded."""
+        return {a: self._loaded[self._key(a)] for a in self.specs if self._key(a) in self._loaded}
+
+    def _load(self, alias: str) -> Backend:
+        from hydra.utils import instantiate
+
+        from compllm.backends.hf import HFModel
+
+        spec = self.spec(alias)
+        backend = spec.get("backend", "hf")
+        if backend != "hf":
+            raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf)")
+        source = instantiate(spec["source"])
+        dtype = spec.get("dtype", "bfloat16")
+        resolved = source.materialize(cache_dir=self.cache_dir, dtype=dtype)
+        return HFModel(
+            name=spec.get("name", alias),
+            path=resolved.path,
+            gguf_file=resolved.gguf_file,
+            dtype=dtype,
+            device=spec.get("device", "auto"),
+        )

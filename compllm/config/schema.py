@@ -1,0 +1,101 @@
+"""Structured-config schemas: Hydra validates every group against these at compose time.
+
+A misspelt key or a wrong type fails before any model loads, with Hydra naming the key.
+Registered in Hydra's ConfigStore as `compllm_schema`, the base of `conf/config.yaml`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # display name, e.g. the HF model name
+    source: Any = MISSING  # a `_target_` source: compllm.models.HFSource / GGUFSource / EmbeddedSource
+    backend: str = "hf"
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ExpertConfig:
+    description: str = MISSING
+    system_prompt: str = MISSING
+    model: str = "default"  # alias into `models`
+    exemplars: List[str] = field(default_factory=list)
+    max_new_tokens: int = 96
+    stop: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DecomposerExample:
+    query: str = MISSING
+    subqueries: List[Any] = MISSING  # [{question, depends_on}]
+
+
+@dataclass
+class DecomposerConfig:
+    _target_: str = "compllm.frontend.decomposer.Decomposer"
+    model: str = "default"
+    system_prompt: str = MISSING
+    examples: List[DecomposerExample] = field(default_factory=list)
+    max_subqueries: int = 8
+    max_chars: int = 1000
+    max_new_tokens: int = 256
+    max_query_chars: int = 4000
+
+
+@dataclass
+class RouterConfig:
+    _target_: str = "compllm.frontend.router.EmbeddingRouter"
+    embedding_model: Any = MISSING  # a `_target_` source of a sentence-transformers directory
+    threshold: float = 0.2
+    fallback_expert: str = "general"
+    device: str = "cpu"
+    batch_size: int = 64
+
+
+@dataclass
+class AggregatorConfig:
+    _target_: str = "compllm.runtime.prompts.Aggregator"
+    model: str = "default"
+    system_prompt: str = MISSING
+    max_new_tokens: int = 160
+    max_answer_chars: int = 600
+    skip_single: bool = True
+    stop: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PolicyConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class CompllmConfig:
+    models: Dict[str, ModelConfig] = field(default_factory=dict)
+    experts: Dict[str, ExpertConfig] = field(default_factory=dict)
+    decomposer: DecomposerConfig = field(default_factory=DecomposerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    query: Optional[str] = None  # one query, or
+    queries_file: Optional[str] = None  # a text file with one query per line
+    cache_dir: Optional[str] = None  # model cache; default $COMPLLM_CACHE or $XDG_CACHE_HOME/compllm
+    max_answer_chars: int = 400  # cap on a parent answer quoted into a dependent prompt
+    show_progress: bool = True
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="compllm_schema", node=CompllmConfig)

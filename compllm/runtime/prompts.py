@@ -1,0 +1,60 @@
+"""Turn IR nodes into chat requests. Parent answers enter prompts delimited and length-capped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from compiler.ir import REFERENCE, Node
+from compllm.backends.base import GenerationRequest
+from compllm.experts import Expert
+
+
+def quote(answer: str, max_chars: int) -> str:
+    """Delimit an earlier model's answer so it reads as data, and cap it so it cannot crowd the prompt."""
+    answer = " ".join(answer.split())
+    if len(answer) > max_chars:
+        answer = answer[: max_chars - 1].rstrip() + "…"
+    return f"«{answer}»"
+
+
+def fill(node: Node, answers: Mapping[str, str], max_answer_chars: int) -> str:
+    """The node's template with each `{#k}` replaced by its parent's quoted answer."""
+    return REFERENCE.sub(lambda m: quote(answers.get(node.inputs[m.group(1)], ""), max_answer_chars), node.template)
+
+
+def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max_answer_chars: int = 400) -> GenerationRequest:
+    question = fill(node, answers, max_answer_chars)
+    context = [
+        f"{label}: {quote(answers.get(parent, ''), max_answer_chars)}" for label, parent in node.inputs.items()
+    ]
+    user = question if not context else "Facts from earlier steps:\n" + "\n".join(context) + "\n\nQuestion: " + question
+    return GenerationRequest(
+        ({"role": "system", "content": expert.system_prompt}, {"role": "user", "content": user}),
+        expert.max_new_tokens,
+        expert.stop,
+    )
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """Synthesizes the final answer from the experts' answers to the sub-queries."""
+
+    model: str
+    system_prompt: str
+    max_new_tokens: int = 160
+    max_answer_chars: int = 600
+    skip_single: bool = True  # one sub-query: its answer *is* the final answer, no extra model call
+    stop: Sequence[str] = ()
+
+    def request(self, query: str, parts: Sequence[tuple[str, str, str]]) -> GenerationRequest:
+        """`parts` = (label, sub-question, answer or a note that it is missing)."""
+        lines = [f"{label}. {question}\n   Answer: {quote(answer, self.max_answer_chars)}" for label, question, answer in parts]
+        user = (
+            f"Original question:\n{query}\n\nSub-questions answered by experts:\n" + "\n".join(lines)
+            + "\n\nUsing these answers, write the final answer to the original question. Address every part."
+        )
+        return GenerationRequest(
+            ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),
+            self.max_new_tokens,
+            tuple(self.stop),
+        )
