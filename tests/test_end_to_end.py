@@ -1,0 +1,67 @@
+"""The real pipe on the real shipped SmolLM2-135M: decompose, route, execute, aggregate, write result.json."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compllm.apps.main import run_task
+
+pytestmark = pytest.mark.slow
+QUERY = "Which vitamin deficiency causes scurvy? And what is 15% of 240?"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One model cache for the session: the GGUF -> bf16 conversion is paid once."""
+    path = os.environ.get("COMPLLM_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    return path
+
+
+def check_result(payload: dict) -> None:
+    (q,) = payload["queries"]
+    assert q["query"] == QUERY
+    assert q["final_answer"].strip() and not q["final_answer"].startswith("(no answer")
+    subs = q["decomposition"]["subqueries"]
+    assert len(subs) >= 1
+    assert all(s["expert"] in payload["config"]["experts"] for s in subs)
+    kinds = [n["kind"] for n in q["nodes"]]
+    assert kinds.count("subquery") == len(subs) and kinds.count("aggregate") == 1
+    assert all(n["status"] == "ok" for n in q["nodes"])
+    assert all(n["output_tokens"] > 0 for n in q["nodes"] if n["kind"] == "subquery")
+    assert {"load_models", "decompose", "route", "compile", "execute"} <= set(payload["timings"])
+    assert payload["models"]["default"]["name"] == "SmolLM2-135M-Instruct"
+
+
+def test_pipe_through_compose_api(compose, tmp_path, model_cache, capsys):
+    cfg = compose("model=smollm2-135m", f"query={QUERY}", f"cache_dir={model_cache}", "show_progress=false")
+    payload = run_task(cfg, tmp_path)
+    check_result(payload)
+    assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(payload))
+    out = capsys.readouterr().out
+    assert "--- decomposition" in out and "--- final answer" in out
+
+
+def test_console_script(tmp_path, model_cache):
+    script = Path(sys.executable).with_name("compllm")
+    proc = subprocess.run(
+        [str(script), "model=smollm2-135m", f"query={QUERY}", f"cache_dir={model_cache}",
+         f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--- final answer" in proc.stdout
+    check_result(json.loads((tmp_path / "run" / "result.json").read_text()))
+
+
+def test_console_script_reports_bad_config_without_traceback(tmp_path):
+    script = Path(sys.executable).with_name("compllm")
+    proc = subprocess.run(
+        [str(script), "model=smollm2-135m", "query=hi", "experts.law.model=nope", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "experts.law.model='nope' names no configured model" in proc.stderr
+    assert "Traceback" not in proc.stderr
