@@ -5,7 +5,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # Users with GPUs override this, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-QUERY      ?= A tenant's landlord refuses to return a security deposit without giving a reason; what legal remedy does the tenant usually have? Which vitamin deficiency causes scurvy? And what is 15% of 240?
+QUERY      ?= My landlord is keeping my whole security deposit without giving any reason. What legal remedy do I usually have? Also, which vitamin is lacking in someone with scurvy, and how much is 15% of 240?
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 export HF_HUB_OFFLINE := 1
@@ -36,7 +36,7 @@ $(VENV)/.stamp-embedded: $(VENV)/.stamp-venv requirements/embedded.txt
 setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
 
 run: setup
-	$(VENV)/bin/compllm query="$(QUERY)"
+	COMPLLM_QUERY="$(QUERY)" $(VENV)/bin/compllm
 
 test: setup
 	$(PY) -m pytest

@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import cached_property
 from graphlib import TopologicalSorter
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 #: `{#2}` in a node's template is filled with the answer of the node bound to "#2" in `Node.inputs`.
 REFERENCE = re.compile(r"\{(#[A-Za-z0-9_.:-]+)\}")
@@ -58,8 +59,15 @@ class Node:
     est_prompt_tokens: int = 0
     est_output_tokens: int = 0
     provenance: Provenance | None = None
+    # Set by the `fuse` pass: the original node ids this node answers for, in step order. The runtime asks
+    # one model call for all of them and splits the answer back (see compiler.passes.fuse.split_answer).
+    fused_from: tuple[str, ...] = ()
+    # Set by `fuse` on a chain member other than the last: this node's answer is its part of the reply of the
+    # fused node `part_of` (its only parent). It needs no model call and is in no generate step; consumers
+    # keep reading it by its original id, so their prompts do not change.
+    part_of: str | None = None
 
-    @property
+    @cached_property  # computed once per (immutable) node: passes and the verifier ask for it a lot
     def parents(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.inputs.values()))
 
@@ -84,6 +92,9 @@ class Graph:
 
     nodes: dict[str, Node] = field(default_factory=dict)
     queries: dict[str, Query] = field(default_factory=dict)
+    # What passes learned about the graph without rewriting it (e.g. "aliases", "batches", "schedule").
+    # Passes that rewrite nodes drop the derived entries they would invalidate.
+    annotations: dict[str, Any] = field(default_factory=dict)
 
     def add(self, node: Node) -> Node:
         if node.id in self.nodes:
@@ -95,6 +106,10 @@ class Graph:
         if query.id in self.queries:
             raise ValueError(f"duplicate query id {query.id!r}")
         self.queries[query.id] = query
+
+    def copy(self) -> "Graph":
+        """Shallow copy (nodes are immutable), so a pass can rewrite without touching its input."""
+        return Graph(dict(self.nodes), dict(self.queries), dict(self.annotations))
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
@@ -136,6 +151,8 @@ class Graph:
             lines.append(
                 f"  {n.id} [{n.kind.value}] expert={n.expert} type={n.answer_type.value}"
                 + (f" inputs({ins})" if ins else "")
+                + (f" fused_from({', '.join(n.fused_from)})" if n.fused_from else "")
+                + (f" part_of({n.part_of})" if n.part_of else "")
                 + f": {n.template!r}"
             )
         return "\n".join(lines)

@@ -48,6 +48,10 @@ class SinkError(GraphError):
     pass
 
 
+class FusionError(GraphError):
+    """A part node (`Node.part_of`) that is not bound to the fused node answering for it."""
+
+
 def verify(graph: Graph, known_experts: Iterable[str] | None = None) -> None:
     """Raise a specific GraphError on the first violated invariant."""
     _check_references(graph)
@@ -55,6 +59,7 @@ def verify(graph: Graph, known_experts: Iterable[str] | None = None) -> None:
     if known_experts is not None:
         _check_experts(graph, set(known_experts))
     _check_answer_types(graph)
+    _check_parts(graph)
     _check_sinks(graph)
 
 
@@ -71,11 +76,37 @@ def _check_references(graph: Graph) -> None:
 
 
 def _check_acyclic(graph: Graph) -> None:
+    if _is_acyclic(graph):  # fast path (linear, no graphlib bookkeeping); graphlib only to name a cycle
+        return
     try:
         TopologicalSorter({n.id: n.parents for n in graph}).prepare()
     except _GraphlibCycle as exc:
         # graphlib reports the cycle child-first, closed (first == last); show it in edge direction.
         raise CycleError(list(reversed(exc.args[1]))) from None
+
+
+def _is_acyclic(graph: Graph) -> bool:
+    """Kahn's algorithm over the (already reference-checked) graph: acyclic iff every node gets scheduled."""
+    waiting = {}
+    children: dict[str, list[str]] = {}
+    ready = []
+    for node in graph:
+        parents = node.parents
+        if parents:
+            waiting[node.id] = len(parents)
+            for parent in parents:
+                children.setdefault(parent, []).append(node.id)
+        else:
+            ready.append(node.id)
+    done = 0
+    while ready:
+        nid = ready.pop()
+        done += 1
+        for child in children.get(nid, ()):
+            waiting[child] -= 1
+            if not waiting[child]:
+                ready.append(child)
+    return done == len(graph.nodes)
 
 
 def _check_experts(graph: Graph, known: set[str]) -> None:
@@ -94,6 +125,17 @@ def _check_answer_types(graph: Graph) -> None:
                 raise AnswerTypeError(parent_id, node.id, produced.value, (a.value for a in node.accepts))
 
 
+def _check_parts(graph: Graph) -> None:
+    for node in graph:
+        if node.part_of is None:
+            continue
+        fused = graph.nodes.get(node.part_of)
+        if fused is None or node.id not in fused.fused_from:
+            raise FusionError(f"node {node.id!r} is a part of {node.part_of!r}, which does not answer for it")
+        if node.parents != (fused.id,) or node.kind is not NodeKind.SUBQUERY:
+            raise FusionError(f"part node {node.id!r} must be a sub-query reading only {fused.id!r}")
+
+
 def _check_sinks(graph: Graph) -> None:
     children = graph.children()
     for query in graph.queries.values():
@@ -104,8 +146,9 @@ def _check_sinks(graph: Graph) -> None:
             raise SinkError(f"query {query.id!r}: sink {query.sink!r} is a {sink.kind.value} node, not an aggregate")
         if children.get(sink.id):
             raise SinkError(f"query {query.id!r}: sink {sink.id!r} has dependents {children[sink.id]}")
+    sinks = {q.sink for q in graph.queries.values()}  # a set: one lookup per node keeps verify linear
     for node in graph:
-        if node.kind is NodeKind.AGGREGATE and not any(q.sink == node.id for q in graph.queries.values()):
+        if node.kind is NodeKind.AGGREGATE and node.id not in sinks:
             raise SinkError(f"aggregate node {node.id!r} is the sink of no query")
         if node.kind is NodeKind.SUBQUERY and not children.get(node.id):
             raise SinkError(f"sub-query node {node.id!r} feeds nothing: its answer would be lost")

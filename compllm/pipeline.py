@@ -5,7 +5,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from compiler.build import RoutedSubQuery, add_query
 from compiler.ir import Graph
@@ -75,7 +75,8 @@ class Pipeline:
             verify(graph, known_experts=known)
             return graph
 
-    def run(self, queries: Sequence[str], progress=None) -> tuple[RunResult, Graph]:
+    def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None) -> tuple[RunResult, Graph]:
+        """`progress(total)` may return a tqdm-like bar that is advanced once per executed node."""
         self.timings = {}
         self._ready = False
         self.prepare()
@@ -86,8 +87,13 @@ class Pipeline:
         except GraphError as exc:  # the parser guarantees a DAG, so this is a bug: say so loudly
             raise GraphError(f"the frontend produced an invalid graph: {exc}") from exc
         ctx = ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars)
-        with self._stage("execute"):
-            node_results = self.policy.run(graph, ctx, progress=progress)
+        bar = progress(len(graph)) if progress else None
+        try:
+            with self._stage("execute"):
+                node_results = self.policy.run(graph, ctx, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         out = []
         for (qid, query), d, rs in zip(graph.queries.items(), decompositions, routes):
             nodes = [node_results[n.id] for n in graph if n.provenance and n.provenance.query_id == qid]

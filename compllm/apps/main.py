@@ -44,8 +44,7 @@ def run_query_task(cfg: DictConfig, out_dir: Path) -> dict:
 
     queries = read_queries(cfg)
     pipeline = build_pipeline(cfg)
-    with progress_bar(cfg.show_progress) as bar:
-        result, graph = pipeline.run(queries, progress=bar)
+    result, graph = pipeline.run(queries, progress=progress_bar(cfg.show_progress))
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "ir": graph.dump(), **result.to_dict()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -65,7 +64,7 @@ def run_task(cfg: DictConfig, out_dir: Path) -> dict:
     return task(cfg, out_dir)
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from compllm.errors import KNOWN_ERRORS
 

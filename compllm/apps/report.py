@@ -1,22 +1,19 @@
 """Human-facing output of a run: what was split, who answered, what they said, and the final answer."""
 from __future__ import annotations
 
-import contextlib
 import sys
 import textwrap
 
 from compllm.runtime.result import RunResult
 
 
-@contextlib.contextmanager
 def progress_bar(enabled: bool):
+    """A factory for the executor's per-node bar (its total is known only after decomposition)."""
     if not enabled:
-        yield None
-        return
+        return None
     from tqdm import tqdm
 
-    with tqdm(desc="nodes", unit="node", file=sys.stderr, leave=False) as bar:
-        yield bar
+    return lambda total: tqdm(total=total, desc="executing", unit="node", file=sys.stderr, leave=False)
 
 
 def _wrap(text: str, indent: str) -> str:

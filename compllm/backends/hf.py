@@ -10,7 +10,26 @@ from compllm.backends.base import BackendError, Generation, GenerationRequest, M
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.
+
+    Measured on a 2-core AVX2 CPU without bf16: SmolLM2 prefill of 480 tokens took 22 s in bf16
+    against 1.1 s in fp32, so bf16 must not be assumed on CPU.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    import torch
+
+    try:
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = False
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def resolve_device(device: str) -> str:
@@ -26,7 +45,8 @@ def resolve_device(device: str) -> str:
 class HFModel:
     """A causal LM loaded once from a local HF directory (or repo id) and shared by every expert naming it."""
 
-    def __init__(self, name: str, path: str, dtype: str = "bfloat16", device: str = "auto", gguf_file: str | None = None):
+    def __init__(self, name: str, path: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None,
+                 revision: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,13 +54,14 @@ class HFModel:
             raise BackendError(f"model {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         self.name = name
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.stats = ModelStats()
         self._lock = threading.Lock()  # one generate at a time per model copy
         start = time.perf_counter()
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        kwargs = {k: v for k, v in (("gguf_file", gguf_file), ("revision", revision)) if v}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype), **kwargs)
         except OSError as exc:
             raise BackendError(f"model {name!r}: cannot load weights from {path!r}: {exc}") from exc
         self.model.to(self.device).eval()
@@ -50,7 +71,7 @@ class HFModel:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BackendError(f"model {name!r} at {path!r} has no chat template; use an instruct model")
         self.stats.load_seconds = time.perf_counter() - start
-        log.info("loaded %s from %s in %.1fs on %s", name, path, self.stats.load_seconds, self.device)
+        log.info("loaded %s from %s in %.1fs on %s (%s)", name, path, self.stats.load_seconds, self.device, self.dtype)
 
     @property
     def weight_bytes(self) -> int:

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from compllm.backends.base import Backend, BackendError
 
 log = logging.getLogger(__name__)
+CACHE_DTYPE = "bfloat16"
 
 
 class ModelPool:
@@ -30,7 +31,7 @@ class ModelPool:
 
     def _key(self, alias: str) -> tuple:
         spec = self.spec(alias)
-        return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "bfloat16"), spec.get("device", "auto"))
+        return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "auto"), spec.get("device", "auto"))
 
     def get(self, alias: str) -> Backend:
         key = self._key(alias)
@@ -53,12 +54,14 @@ class ModelPool:
         if backend != "hf":
             raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf)")
         source = instantiate(spec["source"])
-        dtype = spec.get("dtype", "bfloat16")
-        resolved = source.materialize(cache_dir=self.cache_dir, dtype=dtype)
+        # The cache stores bf16 (half the bytes of fp32, lossless for dequantized 4-bit weights);
+        # the compute dtype is chosen at load time.
+        resolved = source.materialize(cache_dir=self.cache_dir, dtype=CACHE_DTYPE)
         return HFModel(
             name=spec.get("name", alias),
             path=resolved.path,
             gguf_file=resolved.gguf_file,
-            dtype=dtype,
+            revision=resolved.revision,
+            dtype=spec.get("dtype", "auto"),
             device=spec.get("device", "auto"),
         )

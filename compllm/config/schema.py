@@ -17,7 +17,7 @@ class ModelConfig:
     name: str = MISSING  # display name, e.g. the HF model name
     source: Any = MISSING  # a `_target_` source: compllm.models.HFSource / GGUFSource / EmbeddedSource
     backend: str = "hf"
-    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 where the hardware has it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 

@@ -48,10 +48,11 @@ class Aggregator:
 
     def request(self, query: str, parts: Sequence[tuple[str, str, str]]) -> GenerationRequest:
         """`parts` = (label, sub-question, answer or a note that it is missing)."""
-        lines = [f"{label}. {question}\n   Answer: {quote(answer, self.max_answer_chars)}" for label, question, answer in parts]
+        lines = [f"Part {label}: {question}\nExpert answer: {quote(answer, self.max_answer_chars)}"
+                 for label, question, answer in parts]
         user = (
-            f"Original question:\n{query}\n\nSub-questions answered by experts:\n" + "\n".join(lines)
-            + "\n\nUsing these answers, write the final answer to the original question. Address every part."
+            f"User's message:\n{query}\n\n" + "\n\n".join(lines)
+            + f"\n\nWrite the final reply to the user's message, covering all {len(parts)} parts."
         )
         return GenerationRequest(
             ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),

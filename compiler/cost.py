@@ -1,0 +1,176 @@
+"""The memory/latency cost model: what passes decide with, what the `sim` backend simulates.
+
+Numbers come from a calibration file (`CostModel.from_calibration`, written by a later
+`compllm task=calibrate`) or from a roofline estimate (`ModelCost.roofline`). Kept deliberately
+simple and documented, so a benchmark can check it against measurement and say where it is off.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional, Sequence
+
+from compiler.errors import ConfigError
+from compiler.ir import Graph, Node
+from compiler.verify import UnknownExpertError
+
+CALIBRATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Cost of one model alias (weights shared by every expert that names it)."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    prefill_s_per_token: float
+    decode_s_per_token: float  # one decode step at batch size 1
+    call_overhead_s: float = 0.0  # fixed cost per generate call (launch, tokenization, sampling setup)
+    load_s: Optional[float] = None  # None: weight_bytes / CostModel.load_bytes_per_s
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0 or math.isnan(value)):
+                raise ConfigError(f"ModelCost.{f.name} must be a non-negative number, got {value!r}")
+
+    @classmethod
+    def roofline(cls, params: int, bytes_per_param: float, layers: int, kv_heads: int, head_dim: int,
+                 mem_bandwidth_Bps: float, flops: float, *, kv_bytes_per_elem: float = 2.0,
+                 call_overhead_s: float = 0.0) -> "ModelCost":
+        """First-principles default when nothing was measured.
+
+        - weights: params x bytes_per_param;
+        - KV per token: K and V (2) x layers x kv_heads x head_dim x bytes per element (bf16 cache = 2);
+        - prefill is compute bound: ~2 FLOPs per parameter per token;
+        - a decode step at batch 1 is memory bound: all weights are read once (or compute, if slower).
+        Real kernels reach a fraction of peak, so treat these as lower bounds; calibration replaces them.
+        """
+        if min(params, bytes_per_param, layers, kv_heads, head_dim, mem_bandwidth_Bps, flops) <= 0:
+            raise ConfigError("ModelCost.roofline: every argument must be positive")
+        weight_bytes = int(params * bytes_per_param)
+        compute_s = 2.0 * params / flops
+        return cls(
+            weight_bytes=weight_bytes,
+            kv_bytes_per_token=int(2 * layers * kv_heads * head_dim * kv_bytes_per_elem),
+            prefill_s_per_token=compute_s,
+            decode_s_per_token=max(weight_bytes / mem_bandwidth_Bps, compute_s),
+            call_overhead_s=call_overhead_s,
+        )
+
+
+@dataclass
+class CostModel:
+    """Per-alias costs plus the expert -> alias mapping (aggregate nodes use expert "aggregator")."""
+
+    models: dict[str, ModelCost]
+    expert_model: dict[str, str]
+    # Batching discount: a decode step of batch b costs decode_s_per_token * (1 + batch_alpha * (b - 1)),
+    # i.e. far less than b separate steps, because decode is bound by reading the weights, shared by the batch.
+    batch_alpha: float = 0.1
+    default_output_tokens: int = 64  # used when a node carries no output-token estimate
+    prompt_overhead_tokens: int = 0  # system prompt + chat template tokens added to every call
+    load_bytes_per_s: float = 2e9  # disk/host -> device bandwidth for loads without a measured load_s
+
+    def __post_init__(self) -> None:
+        for expert, alias in self.expert_model.items():
+            if alias not in self.models:
+                raise ConfigError(f"expert {expert!r} runs on model {alias!r}, which the cost model does not know; "
+                                  f"known models: {', '.join(sorted(self.models)) or '(none)'}")
+        if self.batch_alpha < 0 or self.load_bytes_per_s <= 0 or self.default_output_tokens < 0:
+            raise ConfigError("CostModel: batch_alpha and default_output_tokens must be >= 0, load_bytes_per_s > 0")
+
+    # --- lookups -------------------------------------------------------------------------------
+    def model_of(self, node: Node) -> str:
+        """The model alias that runs `node` (raises the verifier's UnknownExpertError otherwise)."""
+        alias = self.expert_model.get(node.expert)
+        if alias is None:
+            raise UnknownExpertError(node.id, node.expert, self.expert_model)
+        return alias
+
+    def cost(self, alias: str) -> ModelCost:
+        try:
+            return self.models[alias]
+        except KeyError:
+            raise ConfigError(f"no cost entry for model {alias!r}") from None
+
+    # --- tokens and memory ---------------------------------------------------------------------
+    def output_tokens(self, node: Node) -> int:
+        return node.est_output_tokens or self.default_output_tokens
+
+    def node_tokens(self, node: Node, graph: Graph | None = None) -> tuple[int, int]:
+        """(prompt, output) tokens. Parents' answers are pasted into the prompt, so they count as prompt."""
+        prompt = node.est_prompt_tokens + self.prompt_overhead_tokens
+        if graph is not None:
+            nodes = graph.nodes
+            prompt += sum(self.output_tokens(nodes[p]) for p in node.parents if p in nodes)
+        return prompt, self.output_tokens(node)
+
+    def node_kv_bytes(self, node: Node, graph: Graph | None = None) -> int:
+        prompt, output = self.node_tokens(node, graph)
+        return (prompt + output) * self.cost(self.model_of(node)).kv_bytes_per_token
+
+    def batch_kv_bytes(self, alias: str, tokens: Sequence[tuple[int, int]]) -> int:
+        """KV of a left-padded batch (what the hf backend allocates): b x (longest prompt + longest output)."""
+        if not tokens:
+            return 0
+        longest = max(p for p, _ in tokens) + max(o for _, o in tokens)
+        return len(tokens) * longest * self.cost(alias).kv_bytes_per_token
+
+    # --- time ----------------------------------------------------------------------------------
+    def decode_step_seconds(self, alias: str, batch_size: int) -> float:
+        return self.cost(alias).decode_s_per_token * (1.0 + self.batch_alpha * (max(batch_size, 1) - 1))
+
+    def batch_seconds(self, alias: str, tokens: Sequence[tuple[int, int]]) -> float:
+        """One generate call: prefill every prompt, then decode until the longest answer is done."""
+        if not tokens:
+            return 0.0
+        mc = self.cost(alias)
+        prefill = sum(p for p, _ in tokens) * mc.prefill_s_per_token
+        decode = max(o for _, o in tokens) * self.decode_step_seconds(alias, len(tokens))
+        return mc.call_overhead_s + prefill + decode
+
+    def load_seconds(self, alias: str) -> float:
+        mc = self.cost(alias)
+        return mc.load_s if mc.load_s is not None else mc.weight_bytes / self.load_bytes_per_s
+
+    # --- (de)serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; `from_calibration(to_dict())` round-trips."""
+        return {
+            "version": CALIBRATION_VERSION,
+            "batch_alpha": self.batch_alpha,
+            "default_output_tokens": self.default_output_tokens,
+            "prompt_overhead_tokens": self.prompt_overhead_tokens,
+            "load_bytes_per_s": self.load_bytes_per_s,
+            "models": {alias: asdict(mc) for alias, mc in self.models.items()},
+            "experts": dict(self.expert_model),
+        }
+
+    @classmethod
+    def from_calibration(cls, data: Mapping[str, Any]) -> "CostModel":
+        """Build from a calibration dict (see `to_dict`); unknown keys are errors, so typos never pass silently."""
+        data = dict(data)
+        version = data.pop("version", CALIBRATION_VERSION)
+        if version != CALIBRATION_VERSION:
+            raise ConfigError(f"calibration version {version!r} is not supported (expected {CALIBRATION_VERSION})")
+        models_raw = data.pop("models", None)
+        experts = data.pop("experts", None)
+        if not isinstance(models_raw, Mapping) or not isinstance(experts, Mapping):
+            raise ConfigError("calibration needs a 'models' mapping (alias -> costs) and an 'experts' mapping "
+                              "(expert -> alias)")
+        scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s"}
+        unknown = set(data) - scalars
+        if unknown:
+            raise ConfigError(f"unknown calibration keys: {', '.join(sorted(unknown))}")
+        model_keys = {f.name for f in fields(ModelCost)}
+        models = {}
+        for alias, raw in models_raw.items():
+            bad = set(raw) - model_keys
+            if bad:
+                raise ConfigError(f"model {alias!r}: unknown cost keys {', '.join(sorted(bad))}")
+            try:
+                models[alias] = ModelCost(**raw)
+            except TypeError as exc:
+                raise ConfigError(f"model {alias!r}: {exc}") from None
+        return cls(models=models, expert_model=dict(experts), **data)

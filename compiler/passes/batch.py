@@ -1,0 +1,125 @@
+"""`batch`: group nodes of one model that become ready together into one generate call.
+
+"Ready together" = same topological level (no node on a level depends on another on it). Each
+(level, model) group, in graph order, is cut greedily into batches bounded by `max_batch_size` and
+by KV memory: a batch's left-padded KV must fit in the budget left after its own model's weights
+(and under `max_batch_kv_bytes` if set). The residency planner later reserves each model's largest
+batch KV next to its weights, so any batch can run whatever else is resident.
+Output: `annotations["batches"]`, a tuple of `Batch` in level order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from compiler.config import PassContext
+from compiler.cost import CostModel
+from compiler.errors import CompileError, MemoryBudgetError
+from compiler.ir import Graph
+from compiler.levels import topo_levels
+from compiler.passes import register
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One planned generate call: same model, same level, KV within the limit."""
+
+    index: int
+    model: str
+    level: int
+    nodes: tuple[str, ...]
+    kv_bytes: int
+    est_s: float
+
+    def dump(self) -> str:
+        return (f"batch {self.index} level={self.level} model={self.model} kv={self.kv_bytes} "
+                f"est={self.est_s:.4g}s nodes({', '.join(self.nodes)})")
+
+
+@register("batch")
+def batch(graph: Graph, ctx: PassContext) -> Graph:
+    out = graph.copy()
+    out.annotations["batches"] = make_batches(graph, ctx, ctx.config.max_batch_size)
+    return out
+
+
+def kv_limit(cost: CostModel, model: str, budget: Optional[int], cap: Optional[int]) -> float:
+    """KV bytes one batch of `model` may use: the budget minus its weights, and at most the cap."""
+    limit = math.inf if budget is None else budget - cost.cost(model).weight_bytes
+    return limit if cap is None else min(limit, cap)
+
+
+def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, ...]:
+    """Batches of at most `max_size` nodes (1 = every node alone: what `level_schedule` uses without `batch`)."""
+    cost, budget, cap = ctx.cost, ctx.config.memory_budget, ctx.config.max_batch_kv_bytes
+    levels = topo_levels(graph)
+    groups: dict[tuple[int, str], list[str]] = {}
+    tokens_of: dict[str, tuple[int, int]] = {}
+    worst: dict[str, tuple[int, str]] = {}  # model -> (largest single-node KV, its node)
+    for nid, node in graph.nodes.items():  # graph order within a group: deterministic, insertion-stable
+        model = cost.model_of(node)
+        groups.setdefault((levels[nid], model), []).append(nid)
+        p, o = tokens_of[nid] = cost.node_tokens(node, graph)
+        alone = (p + o) * cost.cost(model).kv_bytes_per_token
+        if alone > worst.get(model, (-1, ""))[0]:
+            worst[model] = (alone, nid)
+    if budget is not None:
+        _check_fits(cost, worst, budget)
+
+    batches: list[Batch] = []
+    for level, model in sorted(groups, key=lambda key: key[0]):  # stable: models in first-appearance order
+        kv_per_token = cost.cost(model).kv_bytes_per_token
+        limit = kv_limit(cost, model, budget, cap)
+        members: list[str] = []
+        tokens: list[tuple[int, int]] = []
+        longest_p = longest_o = 0
+
+        def close() -> None:
+            if members:
+                batches.append(Batch(len(batches), model, level, tuple(members),
+                                     cost.batch_kv_bytes(model, tokens), cost.batch_seconds(model, tokens)))
+
+        for nid in groups[(level, model)]:
+            p, o = tokens_of[nid]
+            grown = (len(members) + 1) * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
+            if members and (len(members) >= max_size or grown > limit):
+                close()
+                members, tokens, longest_p, longest_o = [], [], 0, 0
+            members.append(nid)
+            tokens.append((p, o))
+            longest_p, longest_o = max(longest_p, p), max(longest_o, o)
+        close()
+    return tuple(batches)
+
+
+def _check_fits(cost: CostModel, worst: dict[str, tuple[int, str]], budget: int) -> None:
+    """Every model must fit with its largest single node; report the model needing the most bytes, with the
+    bytes it needs (= the smallest budget that would work for it)."""
+    needs = {m: (cost.cost(m).weight_bytes + kv, m, nid) for m, (kv, nid) in worst.items()}
+    need, model, nid = max(needs.values(), key=lambda t: t[0])
+    if need > budget:
+        weights = cost.cost(model).weight_bytes
+        raise MemoryBudgetError(model, need, budget, f"weights {weights:,} + KV {need - weights:,} for node {nid!r} alone")
+
+
+def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> None:
+    """Every node in exactly one batch of its own model; raise CompileError naming the first violation."""
+    seen: dict[str, int] = {}
+    for b in batches:
+        for nid in b.nodes:
+            if nid not in graph.nodes:
+                raise CompileError(f"batch {b.index} names node {nid!r}, which is not in the graph "
+                                   "(stale batches: run `batch` after passes that rewrite nodes)")
+            if nid in seen:
+                raise CompileError(f"node {nid!r} is in batches {seen[nid]} and {b.index}")
+            if cost.model_of(graph.nodes[nid]) != b.model:
+                raise CompileError(f"batch {b.index} runs {b.model!r} but node {nid!r} needs "
+                                   f"{cost.model_of(graph.nodes[nid])!r}")
+            seen[nid] = b.index
+    missing = [nid for nid in graph.nodes if nid not in seen]
+    if missing:
+        raise CompileError(f"{len(missing)} node(s) in no batch, e.g. {missing[:3]}")
+
+
+batch.check = lambda graph, ctx: check_batches(graph, graph.annotations["batches"], ctx.cost)  # type: ignore

@@ -1,0 +1,87 @@
+"""Cost model: formulas, roofline defaults, calibration round trip, and config errors."""
+import json
+
+import pytest
+
+from compiler.cost import CostModel, ModelCost
+from compiler.errors import ConfigError
+from compiler.ir import Graph, Node, NodeKind
+from compiler.verify import UnknownExpertError
+
+
+def model() -> CostModel:
+    return CostModel(
+        {"a": ModelCost(1000, 10, 0.001, 0.01, call_overhead_s=0.5), "b": ModelCost(4000, 20, 0.002, 0.02, load_s=3.0)},
+        {"law": "a", "aggregator": "b"},
+    )
+
+
+def test_node_kv_counts_prompt_output_and_parent_answers():
+    cm = model()
+    g = Graph()
+    g.add(Node("p", NodeKind.SUBQUERY, "x", "law", est_prompt_tokens=5, est_output_tokens=7))
+    g.add(Node("c", NodeKind.SUBQUERY, "y {#1}", "law", {"#1": "p"}, est_prompt_tokens=3, est_output_tokens=0))
+    assert cm.node_tokens(g.nodes["p"], g) == (5, 7)
+    # c's prompt holds p's answer (7 tokens); no output estimate -> default_output_tokens
+    assert cm.node_tokens(g.nodes["c"], g) == (3 + 7, cm.default_output_tokens)
+    assert cm.node_kv_bytes(g.nodes["p"], g) == (5 + 7) * 10
+
+
+def test_batch_kv_is_left_padded_and_time_has_sublinear_decode():
+    cm = model()
+    tokens = [(10, 4), (2, 8)]
+    assert cm.batch_kv_bytes("a", tokens) == 2 * (10 + 8) * 10
+    assert cm.batch_kv_bytes("a", []) == 0
+    # overhead + prefill of all prompts + longest output x decode step at batch 2 = 0.01 * (1 + 0.1)
+    assert cm.batch_seconds("a", tokens) == pytest.approx(0.5 + 12 * 0.001 + 8 * 0.01 * 1.1)
+    one = cm.batch_seconds("a", [(10, 8)]) - 0.5
+    eight = cm.batch_seconds("a", [(10, 8)] * 8) - 0.5
+    assert one < eight < 8 * one  # batching is cheaper than separate calls
+
+
+def test_load_seconds_measured_or_from_bandwidth():
+    cm = model()
+    assert cm.load_seconds("b") == 3.0
+    assert cm.load_seconds("a") == pytest.approx(1000 / cm.load_bytes_per_s)
+
+
+def test_roofline_numbers():
+    # a 0.5B-parameter bf16 model, 24 layers, 2 KV heads of 64 dims, 1 TB/s, 100 TFLOP/s
+    mc = ModelCost.roofline(500_000_000, 2.0, 24, 2, 64, 1e12, 1e14)
+    assert mc.weight_bytes == 1_000_000_000
+    assert mc.kv_bytes_per_token == 2 * 24 * 2 * 64 * 2
+    assert mc.prefill_s_per_token == pytest.approx(2 * 5e8 / 1e14)
+    assert mc.decode_s_per_token == pytest.approx(1e9 / 1e12)  # memory bound: read every weight once
+    with pytest.raises(ConfigError):
+        ModelCost.roofline(0, 2.0, 24, 2, 64, 1e12, 1e14)
+
+
+def test_calibration_round_trips_through_json():
+    cm = model()
+    data = json.loads(json.dumps(cm.to_dict()))
+    back = CostModel.from_calibration(data)
+    assert back == cm
+    assert back.to_dict() == cm.to_dict()
+
+
+def test_calibration_errors_name_the_problem():
+    data = model().to_dict()
+    with pytest.raises(ConfigError, match="unknown calibration keys: typo"):
+        CostModel.from_calibration({**data, "typo": 1})
+    bad = json.loads(json.dumps(data))
+    bad["models"]["a"]["weigth_bytes"] = 1
+    with pytest.raises(ConfigError, match="model 'a': unknown cost keys weigth_bytes"):
+        CostModel.from_calibration(bad)
+    with pytest.raises(ConfigError, match="version"):
+        CostModel.from_calibration({**data, "version": 99})
+    with pytest.raises(ConfigError, match="needs a 'models' mapping"):
+        CostModel.from_calibration({"experts": {}})
+
+
+def test_expert_on_unknown_model_and_unknown_expert():
+    with pytest.raises(ConfigError, match="expert 'law' runs on model 'zzz'"):
+        CostModel({"a": ModelCost(1, 1, 0, 0)}, {"law": "zzz"})
+    with pytest.raises(ConfigError, match="non-negative"):
+        ModelCost(-1, 1, 0, 0)
+    with pytest.raises(UnknownExpertError, match="unknown expert 'astrology'"):
+        model().model_of(Node("n", NodeKind.SUBQUERY, "x", "astrology"))

@@ -1,0 +1,268 @@
+"""Pass manager and the individual passes: dedupe, fuse, batch, level_schedule."""
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiler.build import RoutedSubQuery as Sq
+from compiler.build import add_query
+from compiler.config import CompilerConfig, PassContext
+from compiler.cost import CostModel, ModelCost
+from compiler.errors import ConfigError, MemoryBudgetError, PassError
+from compiler.ir import Graph, Node, NodeKind
+from compiler.levels import topo_levels, topo_order
+from compiler.pass_manager import PassManager
+from compiler.passes import REGISTRY
+from compiler.passes.batch import make_batches
+from compiler.passes.dedupe import dedupe
+from compiler.passes.fuse import fuse, split_answer
+from compiler.passes.level_schedule import order_batches, plan_residency
+from compiler.synthetic import random_graph
+from compiler.verify import CycleError, verify
+
+EXPERTS = ["general", "law", "math"]
+
+
+def cost(budgeted_kv: int = 1) -> CostModel:
+    return CostModel({"small": ModelCost(100, budgeted_kv, 1e-3, 1e-2), "big": ModelCost(300, 2 * budgeted_kv, 2e-3, 2e-2)},
+                     {"general": "small", "math": "small", "law": "big", "aggregator": "big"})
+
+
+def ctx(**config) -> PassContext:
+    return PassContext.for_cost(cost(), CompilerConfig(**config))
+
+
+def france(g: Graph, qid: str, second: Sq) -> None:
+    add_query(g, qid, f"{qid}?", [Sq(1, "What is the capital of France?", (), "general"), second], "aggregator")
+
+
+# --- dedupe ---------------------------------------------------------------------------------------
+
+def test_dedupe_across_queries_rewires_children_and_keeps_sinks():
+    g = Graph()
+    france(g, "q0", Sq(2, "How many people live in #1?", (1,), "law"))
+    france(g, "q1", Sq(2, "What river flows through #1?", (1,), "general"))
+    out = dedupe(g, ctx())
+    verify(out, cost().expert_model)
+    assert "q1:1" not in out.nodes and out.annotations["aliases"] == {"q1:1": "q0:1"}
+    assert out.nodes["q1:2"].inputs == {"#1": "q0:1"}
+    assert out.nodes["q1:agg"].inputs == {"#1": "q0:1", "#2": "q1:2"}
+    assert {q.sink for q in out.queries.values()} <= set(out.nodes)
+    assert len(g) == 6  # the input graph is untouched
+
+
+def test_dedupe_is_transitive_through_deduped_parents_but_never_merges_aggregates():
+    g = Graph()
+    france(g, "q0", Sq(2, "How many people live in #1?", (1,), "law"))
+    france(g, "q1", Sq(2, "How many people live in #1?", (1,), "law"))
+    out = dedupe(g, ctx())
+    assert out.annotations["aliases"] == {"q1:1": "q0:1", "q1:2": "q0:2"}
+    assert out.nodes["q1:agg"].inputs == {"#1": "q0:1", "#2": "q0:2"}
+    assert {"q0:agg", "q1:agg"} <= set(out.nodes)  # identical queries still get one sink each
+
+
+def test_dedupe_keeps_different_experts_types_and_parents_apart():
+    g = Graph()
+    add_query(g, "q0", "a", [Sq(1, "Same text?", (), "general"), Sq(2, "Other?", (), "general"),
+                             Sq(3, "Uses #1", (1,), "general")], "aggregator")
+    add_query(g, "q1", "b", [Sq(1, "Same text?", (), "math"), Sq(2, "Same text?", (), "general", "number"),
+                             Sq(3, "Uses #1", (1,), "general")], "aggregator")
+    out = dedupe(g, ctx())
+    assert out is g and "aliases" not in out.annotations  # nothing identical: same graph back
+
+
+def test_dedupe_within_one_query_label_names_do_not_matter():
+    g = Graph()
+    add_query(g, "q0", "a", [Sq(1, "Base?", (), "general"), Sq(2, "Twice #1?", (1,), "general"),
+                             Sq(3, "Twice #1?", (1,), "general")], "aggregator")
+    out = dedupe(g, ctx())
+    assert out.annotations["aliases"] == {"q0:3": "q0:2"}
+    assert out.nodes["q0:agg"].parents == ("q0:1", "q0:2")
+    verify(out)
+
+
+# --- fuse -----------------------------------------------------------------------------------------
+
+def chain_graph() -> Graph:
+    g = Graph()
+    add_query(g, "q0", "chain", [
+        Sq(1, "Who wrote Hamlet?", (), "general", max_new_tokens=10),
+        Sq(2, "When was #1 born?", (1,), "general", max_new_tokens=10),
+        Sq(3, "Where did #2 happen?", (2,), "general", max_new_tokens=10),
+        Sq(4, "Is #3 a law?", (3,), "law"),
+    ], "aggregator")
+    return g
+
+
+def test_fuse_is_off_by_default():
+    g = chain_graph()
+    assert fuse(g, ctx()) is g
+
+
+def test_fuse_chains_merges_private_same_expert_links():
+    g = chain_graph()
+    # q0:1..q0:3 form a chain, but the aggregate also reads each of them: no link is private
+    assert fuse(g, ctx(fuse=["chains"])) is g
+    g.nodes["q0:agg"] = g.nodes["q0:agg"].with_(inputs={"#4": "q0:4"}, template="chain")
+    out = fuse(g, ctx(fuse=["chains"]))
+    verify(out, cost().expert_model)
+    fused = out.nodes["q0:3"]
+    assert fused.fused_from == ("q0:1", "q0:2", "q0:3") and "q0:1" not in out.nodes and "q0:2" not in out.nodes
+    assert fused.inputs == {} and out.nodes["q0:4"].inputs == {"#3": "q0:3"}
+    assert "Step 2: When was [the answer to step 1] born?" in fused.template
+    assert fused.est_output_tokens == 30 + 3 * 4
+    assert "fused_from(q0:1, q0:2, q0:3)" in out.dump()
+    short = fuse(g, ctx(fuse=["chains"], fuse_max_chain=2))
+    assert short.nodes["q0:2"].fused_from == ("q0:1", "q0:2") and "q0:3" in short.nodes
+
+
+def test_split_answer_parses_steps_and_falls_back_to_whole_reply():
+    node = Node("c", NodeKind.SUBQUERY, "t", "general", fused_from=("a", "b", "c"))
+    assert split_answer(node, "Step 1: Shakespeare\nStep 2: 1564\ncontinued\nstep 3) Stratford") == {
+        "a": "Shakespeare", "b": "1564 continued", "c": "Stratford"}
+    assert split_answer(node, "just text") == {"a": "", "b": "", "c": "just text"}
+    plain = Node("x", NodeKind.SUBQUERY, "t", "general")
+    assert split_answer(plain, "hi") == {"x": "hi"}
+
+
+def test_fuse_siblings_is_refused_with_a_reason():
+    with pytest.raises(ConfigError, match="'siblings' is not implemented"):
+        CompilerConfig(fuse=["siblings"]).validate()
+    with pytest.raises(ConfigError, match="unknown fuse variant"):
+        CompilerConfig(fuse=["zigzag"]).validate()
+
+
+# --- batch ----------------------------------------------------------------------------------------
+
+def wide_graph(n: int) -> Graph:
+    g = Graph()
+    for q in range(n):
+        add_query(g, f"q{q}", "x", [Sq(1, f"Question {q}?", (), "general", max_new_tokens=4)], "aggregator", 4)
+    return g
+
+
+def test_batch_groups_same_level_same_model_up_to_max_size():
+    g = wide_graph(10)
+    batches = make_batches(g, ctx(), max_size=4)
+    assert [(b.level, b.model, len(b.nodes)) for b in batches] == [
+        (0, "small", 4), (0, "small", 4), (0, "small", 2), (1, "big", 4), (1, "big", 4), (1, "big", 2)]
+
+
+def test_batch_kv_limit_splits_batches_and_names_bytes_when_one_node_cannot_fit():
+    g = wide_graph(4)
+    one_model = CostModel({"small": ModelCost(100, 1, 1e-3, 1e-2)}, {"general": "small", "aggregator": "small"})
+    # "Question k?" = 3 prompt tokens + 4 output = 7 tokens x 1 B/token: budget 100 + 14 fits two per batch
+    batches = make_batches(g, PassContext.for_cost(one_model, CompilerConfig(memory_budget=115)), max_size=8)
+    assert [len(b.nodes) for b in batches if b.level == 0] == [2, 2]
+    with pytest.raises(MemoryBudgetError) as err:
+        make_batches(g, PassContext.for_cost(one_model, CompilerConfig(memory_budget=106)), max_size=8)
+    # the error reports the largest need (an aggregate: 1 prompt + 4 parent answer + 4 output tokens), i.e. the
+    # smallest budget that would work, not merely the first node that did not fit
+    assert err.value.needed_bytes == 109 and err.value.budget_bytes == 106
+    assert str(err.value) == ("model 'small' needs 109 bytes (weights 100 + KV 9 for node 'q0:agg' alone) "
+                              "but the memory budget is 106 bytes (3 bytes short)")
+
+
+def test_max_batch_kv_bytes_caps_batches_below_the_budget():
+    batches = make_batches(wide_graph(4), ctx(max_batch_kv_bytes=14), max_size=8)
+    assert [len(b.nodes) for b in batches if b.model == "small"] == [2, 2]
+
+
+# --- levels and level_schedule ----------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30))
+def test_fast_topo_order_matches_graph_topo_order(seed, n_queries):
+    g = random_graph(random.Random(seed), EXPERTS, n_queries=n_queries, min_sub=1)
+    assert topo_order(g) == g.topo_order()
+    levels = topo_levels(g)
+    for node in g:
+        assert all(levels[p] < levels[node.id] for p in node.parents)
+
+
+def test_level_order_chains_models_across_levels():
+    g = Graph()
+    add_query(g, "q0", "x", [Sq(1, "a", (), "general"), Sq(2, "b", (), "law"), Sq(3, "c #1 #2", (1, 2), "law"),
+                             Sq(4, "d #1 #2", (1, 2), "general")], "aggregator")
+    batches = make_batches(g, ctx(), max_size=8)
+    models = [batches[i].model for i in order_batches(batches)]
+    assert models == ["small", "big", "big", "small", "big"]  # level 1 starts with big, where level 0 ended
+
+
+def test_belady_beats_lru_on_cyclic_reuse():
+    sizes = {"a": 1, "b": 1, "c": 1}
+    uses = list("abcabca")
+    loads = {pol: sum(e.op == "load" for e in plan_residency(uses, sizes, 2, pol)) for pol in ("belady", "lru")}
+    assert loads == {"belady": 5, "lru": 7}
+    assert sum(e.op == "load" for e in plan_residency(uses, sizes, None, "belady")) == 3
+
+
+def test_level_schedule_without_batch_runs_every_node_alone():
+    g = wide_graph(3)
+    out = PassManager(["level_schedule"]).run(g, ctx())
+    schedule = out.annotations["schedule"]
+    assert all(len(b.nodes) == 1 for b in schedule.batches) and len(schedule.batches) == 6
+
+
+# --- pass manager ---------------------------------------------------------------------------------
+
+def test_pass_manager_times_dumps_and_disables(tmp_path):
+    g = Graph()
+    france(g, "q0", Sq(2, "x", (), "law"))
+    france(g, "q1", Sq(2, "y", (), "law"))
+    pm = PassManager(["dedupe", "fuse", "batch", "level_schedule"], disabled={"fuse"}, dump_dir=tmp_path)
+    out = pm.run(g, ctx())
+    assert list(pm.timings) == ["dedupe", "batch", "level_schedule"]
+    assert [name for name, _ in pm.dumps] == ["input", "dedupe", "batch", "level_schedule"]
+    assert "aliases:\n  q1:1 -> q0:1" in pm.dumps[1][1]
+    assert "batch 0 level=0 model=small" in pm.dumps[2][1]
+    assert "schedule eviction=belady" in pm.dumps[3][1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-input.txt", "01-dedupe.txt", "02-batch.txt",
+                                                         "03-level_schedule.txt"]
+    assert "schedule" in out.annotations
+
+
+def test_unknown_pass_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown compiler pass 'dedup'; known: batch, dedupe"):
+        PassManager(["dedup"])
+    with pytest.raises(ConfigError, match="unknown compiler pass"):
+        CompilerConfig(disabled=["nope"]).validate()
+
+
+def broken_pass(name: str, in_place: bool):
+    def run(graph, ctx):
+        out = graph if in_place else graph.copy()
+        first = next(iter(out.nodes.values()))
+        out.nodes[first.id] = first.with_(inputs={"#9": first.id}, template="loop {#9}")
+        return out
+    run.name = name
+    return run
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_pass_that_breaks_an_invariant_is_named(in_place):
+    g = wide_graph(2)
+    pm = PassManager(["dedupe", broken_pass("evil", in_place), "batch"])
+    with pytest.raises(PassError, match=r"pass 'evil' broke an IR invariant: CycleError") as err:
+        pm.run(g, ctx())
+    assert isinstance(err.value.error, CycleError)
+
+
+def test_invalid_input_keeps_the_verifier_error():
+    g = wide_graph(1)
+    g.nodes["q0:1"] = g.nodes["q0:1"].with_(inputs={"#1": "q0:agg"}, template="{#1}")
+    with pytest.raises(CycleError):
+        PassManager(["dedupe"]).run(g, ctx())
+
+
+def test_a_pass_returning_no_graph_is_named():
+    def lazy(graph, ctx):
+        return None
+    lazy.name = "lazy"
+    with pytest.raises(PassError, match="pass 'lazy'.*not a Graph"):
+        PassManager([lazy]).run(wide_graph(1), ctx())
+
+
+def test_registry_has_the_four_passes():
+    assert set(REGISTRY) >= {"dedupe", "fuse", "batch", "level_schedule"}
