@@ -5,7 +5,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # Users with GPUs override this, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-QUERY      ?= My landlord is keeping my whole security deposit without giving any reason. What legal remedy do I usually have? Also, which vitamin is lacking in someone with scurvy, and how much is 15% of 240?
+QUERY      ?= What legal remedy does a tenant usually have if the landlord keeps the security deposit without giving a reason? Also, which vitamin is lacking in someone with scurvy, and how much is 15% of 240?
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 export HF_HUB_OFFLINE := 1

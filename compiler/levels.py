@@ -1,20 +1,21 @@
 """Topological levels: a node's level is the longest dependency path above it (sources are level 0).
 
 Nodes on one level never depend on each other, so they can share a batch; levels also give the
-planned order in which batches (and so model residency) are considered. Linear time (Kahn), for
-verified graphs only (no cycles, no missing parents): passes run after the verifier.
+planned order in which batches (and so model residency) are considered. A part node of a fused
+call (`Node.part_of`) shares that call's level: it is answered by it, not by a call of its own.
+Linear time (Kahn), for verified graphs only (no cycles, no missing parents): passes run after the verifier.
 """
 from __future__ import annotations
 
 from compiler.ir import Graph
 
 
-def topo_levels(graph: Graph) -> dict[str, int]:
-    """Level per node id, keyed in `topo_order` order."""
+def waves(graph: Graph) -> dict[str, int]:
+    """Longest-path depth of every node (what graphlib's ready-waves are), in graph order."""
     nodes = graph.nodes
     waiting: dict[str, int] = {}
     children: dict[str, list[str]] = {}
-    level: dict[str, int] = {}
+    depth: dict[str, int] = {}
     stack: list[str] = []
     for node in nodes.values():
         parents = node.parents
@@ -23,34 +24,49 @@ def topo_levels(graph: Graph) -> dict[str, int]:
             for p in parents:
                 children.setdefault(p, []).append(node.id)
         else:
-            level[node.id] = 0
+            depth[node.id] = 0
             stack.append(node.id)
     while stack:
         nid = stack.pop()
-        below = level[nid] + 1
+        below = depth[nid] + 1
         for child in children.get(nid, ()):
-            if level.get(child, -1) < below:
-                level[child] = below
+            if depth.get(child, -1) < below:
+                depth[child] = below
             waiting[child] -= 1
             if not waiting[child]:
                 stack.append(child)
-    if len(level) != len(nodes) or any(waiting.values()):
-        raise ValueError("topo_levels needs a verified (acyclic, fully bound) graph")
-    return {nid: level[nid] for nid in topo_order(graph, level)}
+    if len(depth) != len(nodes) or any(waiting.values()):
+        raise ValueError("levels need a verified (acyclic, fully bound) graph")
+    return depth
 
 
-def topo_order(graph: Graph, levels: dict[str, int] | None = None) -> list[str]:
-    """The same order as `Graph.topo_order()` (level by level, insertion order inside a level), in linear time.
+def topo_order(graph: Graph, depth: dict[str, int] | None = None) -> list[str]:
+    """The same order as `Graph.topo_order()` (wave by wave, graph order inside a wave), in linear time.
 
-    graphlib hands out ready nodes in waves, and wave k is exactly level k; bucketing by level in
-    insertion order reproduces its sorted waves without graphlib's per-node overhead.
+    graphlib hands out ready nodes in waves, and wave k is exactly longest-path depth k; bucketing by
+    depth in graph order reproduces its sorted waves without graphlib's per-node overhead.
     """
-    if levels is None:
-        return list(topo_levels(graph))
+    if depth is None:
+        depth = waves(graph)
     buckets: list[list[str]] = []
     for nid in graph.nodes:
-        lv = levels[nid]
-        while len(buckets) <= lv:
+        d = depth[nid]
+        while len(buckets) <= d:
             buckets.append([])
-        buckets[lv].append(nid)
+        buckets[d].append(nid)
     return [nid for bucket in buckets for nid in bucket]
+
+
+def topo_levels(graph: Graph) -> dict[str, int]:
+    """Scheduling level per node id (keyed in topological order): depth, except that part nodes share
+    their fused node's level, and so do consumers that are only held back by them."""
+    depth = waves(graph)
+    order = topo_order(graph, depth)
+    nodes = graph.nodes
+    if not any(n.part_of is not None for n in nodes.values()):
+        return {nid: depth[nid] for nid in order}
+    level: dict[str, int] = {}
+    for nid in order:
+        node = nodes[nid]
+        level[nid] = max((level[p] + (0 if node.part_of == p else 1) for p in node.parents), default=0)
+    return level

@@ -82,6 +82,8 @@ def lower(graph: Graph, ctx: PassContext) -> Plan:
             runs_of[model].append(sid)
             for nid in b.nodes:
                 step_of_node[nid] = sid
+                for part in graph.nodes[nid].fused_from[:-1]:  # parts are answered by this same call
+                    step_of_node[part] = sid
 
     return Plan(steps, ctx.config.memory_budget, dict(schedule.footprints), streams, schedule.eviction,
                 dict(graph.annotations.get("aliases", {})), graph)

@@ -1,7 +1,9 @@
 """Runs an ordered pass pipeline named by config, checking the IR before it and after every pass.
 
 An invalid input raises the verifier's own error (the user's graph is wrong); an invariant broken
-after a pass raises `PassError` naming that pass (the pass is wrong). Per-pass seconds are recorded
+after a pass raises `PassError` naming that pass (the pass is wrong). A pass that left every node
+and query object in place (it only annotated) skips the IR re-check, which could not fail, but its
+own `check` still runs. Per-pass seconds are recorded
 (verification separately, so benchmarks see what the passes cost), and an IR text dump after each
 pass can be kept and/or written to files, for `explain` and for debugging a pass.
 """

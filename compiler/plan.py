@@ -58,7 +58,13 @@ class Plan:
 
     # --- queries ----------------------------------------------------------------------------------
     def step_of_node(self) -> dict[str, str]:
-        return {nid: s.id for s in self.steps if s.kind is StepKind.GENERATE for nid in s.nodes}
+        """Node id -> the generate step that answers it (part nodes: their fused node's step)."""
+        out = {nid: s.id for s in self.steps if s.kind is StepKind.GENERATE for nid in s.nodes}
+        if self.graph is not None:
+            for node in self.graph:
+                if node.part_of is not None:
+                    out[node.id] = out[node.part_of]
+        return out
 
     def count(self, kind: StepKind) -> int:
         return sum(1 for s in self.steps if s.kind is kind)

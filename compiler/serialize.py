@@ -30,6 +30,8 @@ def node_to_dict(node: Node) -> dict[str, Any]:
                              "route_score": p.route_score, "routed_by": p.routed_by}
     if node.fused_from:
         out["fused_from"] = list(node.fused_from)
+    if node.part_of is not None:
+        out["part_of"] = node.part_of
     return out
 
 
@@ -48,6 +50,7 @@ def node_from_dict(data: Mapping[str, Any]) -> Node:
         est_output_tokens=data.get("est_output_tokens", 0),
         provenance=None if prov is None else Provenance(**prov),
         fused_from=tuple(data.get("fused_from", ())),
+        part_of=data.get("part_of"),
     )
 
 

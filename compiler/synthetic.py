@@ -25,18 +25,21 @@ def random_graph(rng: random.Random, experts: Sequence[str], *, n_nodes: Optiona
     if (n_nodes is None) == (n_queries is None):
         raise ValueError("give exactly one of n_nodes, n_queries")
     shared = [f"Shared question {i} about a common fact?" for i in range(max(1, shared_pool))]
+    experts = list(experts)
     graph = Graph()
     q = 0
     while (len(graph) < n_nodes) if n_nodes is not None else (q < n_queries):  # type: ignore[operator]
         subs = []
         for i in range(1, rng.randint(min_sub, max_sub) + 1):
             deps = tuple(d for d in range(1, i) if rng.random() < dep_prob)
+            expert = rng.choice(experts)
             if rng.random() < shared_prob:  # a shared text: identical across queries when its deps are too
-                text = rng.choice(shared) + "".join(f" given #{d}" for d in deps)
+                k = rng.randrange(len(shared))
+                text = shared[k] + "".join(f" given #{d}" for d in deps)
+                expert = experts[k % len(experts)]  # routing is deterministic: same text, same expert
             else:
                 text = f"Query {q} step {i}: " + " ".join(f"#{d}" for d in deps) + " explain."
-            subs.append(RoutedSubQuery(i, text, deps, rng.choice(list(experts)),
-                                       max_new_tokens=rng.choice(list(output_tokens))))
+            subs.append(RoutedSubQuery(i, text, deps, expert, max_new_tokens=rng.choice(list(output_tokens))))
         add_query(graph, f"q{q}", f"Original question number {q}?", subs, AGGREGATOR, aggregator_tokens)
         q += 1
     return graph

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -63,9 +64,11 @@ def bench(sizes: list[int], repeat: int) -> list[dict]:
                 best = (seconds, plan)
         seconds, plan = best
         r = plan.report
+        lru = compile(graph, cost, CompilerConfig(**{**vars(config), "eviction": "lru"}))  # untimed comparison
         rows.append({
             "nodes": len(graph), "queries": len(graph.queries), "compiled_nodes": len(plan.graph),
-            "steps": len(plan.steps), "loads": plan.loads, "seconds": seconds,
+            "steps": len(plan.steps), "loads": plan.loads, "loads_lru": lru.loads, "seconds": seconds,
+            "peak_planned_bytes": plan.peak_planned_bytes, "est_span_s": plan.estimated_span_s(),
             "pass_seconds": r.pass_seconds, "verify_seconds": r.verify_seconds, "lower_seconds": r.lower_seconds,
             "us_per_node": 1e6 * seconds / len(graph),
         })
@@ -75,11 +78,12 @@ def bench(sizes: list[int], repeat: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     passes = list(rows[0]["pass_seconds"])
-    head = ["nodes", "queries", "after passes", "steps", "loads", "total s", "us/node", "verify s",
+    head = ["nodes", "queries", "after passes", "steps", "loads (LRU)", "total s", "us/node", "verify s",
             *[f"{p} s" for p in passes], "lower s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["nodes"], r["queries"], r["compiled_nodes"], r["steps"], r["loads"], f"{r['seconds']:.4f}",
+        cells = [r["nodes"], r["queries"], r["compiled_nodes"], r["steps"], f"{r['loads']} ({r['loads_lru']})",
+                 f"{r['seconds']:.4f}",
                  f"{r['us_per_node']:.1f}", f"{r['verify_seconds']:.4f}",
                  *[f"{r['pass_seconds'].get(p, 0.0):.4f}" for p in passes], f"{r['lower_seconds']:.4f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -116,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = bench(args.sizes, args.repeat)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"python": platform.python_version(), "machine": platform.machine(), "repeat_best_of": args.repeat,
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "repeat_best_of": args.repeat, "config": "all passes, fuse=chains, budget 10 GiB, 4 models (13 GiB)",
            "rows": rows}
     (RESULTS / "bench_compiler.json").write_text(json.dumps(out, indent=2) + "\n")
     plotted = plot(rows, RESULTS / "bench_compiler.png")

@@ -24,8 +24,8 @@ from compiler.verify import CycleError, verify
 EXPERTS = ["general", "law", "math"]
 
 
-def cost(budgeted_kv: int = 1) -> CostModel:
-    return CostModel({"small": ModelCost(100, budgeted_kv, 1e-3, 1e-2), "big": ModelCost(300, 2 * budgeted_kv, 2e-3, 2e-2)},
+def cost(kv: int = 1) -> CostModel:
+    return CostModel({"small": ModelCost(100, kv, 1e-3, 1e-2), "big": ModelCost(300, 2 * kv, 2e-3, 2e-2)},
                      {"general": "small", "math": "small", "law": "big", "aggregator": "big"})
 
 
@@ -100,21 +100,51 @@ def test_fuse_is_off_by_default():
     assert fuse(g, ctx()) is g
 
 
-def test_fuse_chains_merges_private_same_expert_links():
+def test_fuse_chains_asks_one_call_and_keeps_members_as_part_nodes():
     g = chain_graph()
-    # q0:1..q0:3 form a chain, but the aggregate also reads each of them: no link is private
-    assert fuse(g, ctx(fuse=["chains"])) is g
-    g.nodes["q0:agg"] = g.nodes["q0:agg"].with_(inputs={"#4": "q0:4"}, template="chain")
     out = fuse(g, ctx(fuse=["chains"]))
     verify(out, cost().expert_model)
     fused = out.nodes["q0:3"]
-    assert fused.fused_from == ("q0:1", "q0:2", "q0:3") and "q0:1" not in out.nodes and "q0:2" not in out.nodes
-    assert fused.inputs == {} and out.nodes["q0:4"].inputs == {"#3": "q0:3"}
+    assert fused.fused_from == ("q0:1", "q0:2", "q0:3") and fused.inputs == {}
     assert "Step 2: When was [the answer to step 1] born?" in fused.template
-    assert fused.est_output_tokens == 30 + 3 * 4
-    assert "fused_from(q0:1, q0:2, q0:3)" in out.dump()
-    short = fuse(g, ctx(fuse=["chains"], fuse_max_chain=2))
-    assert short.nodes["q0:2"].fused_from == ("q0:1", "q0:2") and "q0:3" in short.nodes
+    assert fused.est_output_tokens == 30 + 3 * 4 and fused.est_prompt_tokens == sum(
+        g.nodes[n].est_prompt_tokens for n in fused.fused_from)
+    for part in ("q0:1", "q0:2"):  # still answerable by id: the aggregate's prompt does not change
+        assert out.nodes[part].part_of == "q0:3" and out.nodes[part].parents == ("q0:3",)
+        assert out.nodes[part].est_output_tokens == g.nodes[part].est_output_tokens
+    assert out.nodes["q0:agg"] == g.nodes["q0:agg"] and out.nodes["q0:4"] == g.nodes["q0:4"]
+    assert "fused_from(q0:1, q0:2, q0:3)" in out.dump() and "part_of(q0:3)" in out.dump()
+    levels = topo_levels(out)
+    assert levels["q0:1"] == levels["q0:2"] == levels["q0:3"] == 0 and levels["q0:4"] == 1
+
+
+def test_fuse_drops_members_nothing_else_reads():
+    g = chain_graph()
+    g.nodes["q0:agg"] = g.nodes["q0:agg"].with_(inputs={"#1": "q0:1", "#4": "q0:4"}, template="chain")
+    out = fuse(g, ctx(fuse=["chains"]))
+    verify(out, cost().expert_model)
+    assert out.nodes["q0:1"].part_of == "q0:3" and "q0:2" not in out.nodes
+    assert out.nodes["q0:3"].fused_from == ("q0:1", "q0:2", "q0:3")
+
+
+def test_fuse_respects_max_chain_and_skips_trees():
+    short = fuse(chain_graph(), ctx(fuse=["chains"], fuse_max_chain=2))
+    assert short.nodes["q0:2"].fused_from == ("q0:1", "q0:2")
+    assert short.nodes["q0:3"].inputs == {"#2": "q0:2"} and not short.nodes["q0:3"].fused_from  # reads step 2
+    g = Graph()
+    add_query(g, "q0", "tree", [Sq(1, "root?", (), "general"), Sq(2, "left #1", (1,), "general"),
+                                Sq(3, "right #1", (1,), "general")], "aggregator")
+    assert fuse(g, ctx(fuse=["chains"])) is g
+
+
+def test_fused_plan_runs_the_chain_once():
+    from compiler import compile
+    plan = compile(chain_graph(), cost(), CompilerConfig(fuse=["chains"]))
+    gens = [s for s in plan.steps if s.nodes]
+    assert [s.nodes for s in gens] == [("q0:3",), ("q0:4",), ("q0:agg",)]
+    step_of = plan.step_of_node()
+    assert step_of["q0:1"] == step_of["q0:2"] == step_of["q0:3"] == gens[0].id
+    assert gens[0].id in gens[2].deps
 
 
 def test_split_answer_parses_steps_and_falls_back_to_whole_reply():

@@ -65,3 +65,22 @@ def test_console_script_reports_bad_config_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "experts.law.model='nope' names no configured model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_calibrate_then_explain(compose, tmp_path, model_cache, capsys):
+    """calibrate measures the real model; explain then compiles a real decomposition with those numbers."""
+    common = ["model=smollm2-135m", f"cache_dir={model_cache}", "show_progress=false"]
+    measured = run_task(compose(*common, "task=calibrate", "task.prompt_tokens=32", "task.new_tokens=4",
+                                "task.repeats=1"), tmp_path / "cal")
+    ((key, cost),) = measured.items()
+    assert key.startswith("SmolLM2-135M-Instruct|cpu|")
+    assert cost["weight_bytes"] > 100 * 2**20 and cost["decode_s_per_token"] > 0 and cost["kv_bytes_per_token"] > 0
+    out = run_task(compose(*common, "task=explain", f"query={QUERY}", "compiler.memory_budget=${gib:2}"),
+                   tmp_path / "explain")
+    plan = out["plan"]
+    assert plan.peak_planned_bytes <= 2 * 2**30
+    assert plan.footprints["default"] >= cost["weight_bytes"]  # the measured weights, not the roofline guess
+    text = (tmp_path / "explain" / "explain.txt").read_text()
+    assert "== IR after level_schedule" in text and "== plan" in text and "estimated span" in text
+    for name in ("plan.json", "graph.before.dot", "graph.after.mmd"):
+        assert (tmp_path / "explain" / name).stat().st_size > 0

@@ -16,7 +16,7 @@ DERIVED_ANNOTATIONS = ("levels", "batches", "schedule")
 
 
 class Pass(Protocol):
-    name: str
+    name: str  # optional attribute `check(graph, ctx)`: validates the pass's annotations after it ran
 
     def __call__(self, graph: Graph, ctx: PassContext) -> Graph: ...
 

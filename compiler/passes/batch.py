@@ -58,13 +58,15 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, 
     tokens_of: dict[str, tuple[int, int]] = {}
     worst: dict[str, tuple[int, str]] = {}  # model -> (largest single-node KV, its node)
     for nid, node in graph.nodes.items():  # graph order within a group: deterministic, insertion-stable
+        if node.part_of is not None:
+            continue  # answered by its fused node's call
         model = cost.model_of(node)
         groups.setdefault((levels[nid], model), []).append(nid)
         p, o = tokens_of[nid] = cost.node_tokens(node, graph)
         alone = (p + o) * cost.cost(model).kv_bytes_per_token
         if alone > worst.get(model, (-1, ""))[0]:
             worst[model] = (alone, nid)
-    if budget is not None:
+    if budget is not None and worst:
         _check_fits(cost, worst, budget)
 
     batches: list[Batch] = []
@@ -100,11 +102,12 @@ def _check_fits(cost: CostModel, worst: dict[str, tuple[int, str]], budget: int)
     need, model, nid = max(needs.values(), key=lambda t: t[0])
     if need > budget:
         weights = cost.cost(model).weight_bytes
-        raise MemoryBudgetError(model, need, budget, f"weights {weights:,} + KV {need - weights:,} for node {nid!r} alone")
+        raise MemoryBudgetError(model, need, budget,
+                                f"weights {weights:,} + KV {need - weights:,} for node {nid!r} alone")
 
 
 def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> None:
-    """Every node in exactly one batch of its own model; raise CompileError naming the first violation."""
+    """Every node (but part nodes) in exactly one batch of its own model; CompileError names the first violation."""
     seen: dict[str, int] = {}
     for b in batches:
         for nid in b.nodes:
@@ -117,7 +120,9 @@ def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> 
                 raise CompileError(f"batch {b.index} runs {b.model!r} but node {nid!r} needs "
                                    f"{cost.model_of(graph.nodes[nid])!r}")
             seen[nid] = b.index
-    missing = [nid for nid in graph.nodes if nid not in seen]
+            if graph.nodes[nid].part_of is not None:
+                raise CompileError(f"batch {b.index} names part node {nid!r}, which its fused node answers")
+    missing = [nid for nid, node in graph.nodes.items() if nid not in seen and node.part_of is None]
     if missing:
         raise CompileError(f"{len(missing)} node(s) in no batch, e.g. {missing[:3]}")
 

@@ -4,8 +4,8 @@ Two sub-query nodes are identical when they run on the same expert, expect the s
 and their templates are equal once every reference is resolved to the (already deduped) parent it
 reads, with the same parents in the same order. Processing parents first makes this transitive:
 "population of {capital of France}" dedupes once "capital of France" did. Aggregate nodes are never
-deduped (each query keeps its own sink). Removed ids are recorded in `annotations["aliases"]`
-(removed -> kept) so the runtime can report every original node's answer.
+deduped (each query keeps its own sink), nor are nodes of a fused chain. Removed ids are recorded
+in `annotations["aliases"]` (removed -> kept) so the runtime can report every original node's answer.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
     first_with: dict[tuple, str] = {}  # dedupe key -> kept id
     for nid in topo_order(graph):  # parents before children: their canonical ids are final
         node = nodes[nid]
-        if node.kind is not NodeKind.SUBQUERY:
-            continue
+        if node.kind is not NodeKind.SUBQUERY or node.fused_from or node.part_of is not None:
+            continue  # aggregates stay per query; fused calls and their parts are bound to each other
         inputs = {label: kept_for.get(p, p) for label, p in node.inputs.items()}
         resolved = REFERENCE.sub(lambda m: "{@" + inputs.get(m.group(1), m.group(1)) + "}", node.template)
-        key = (node.expert, node.answer_type, node.accepts, node.fused_from, resolved, tuple(inputs.values()))
+        key = (node.expert, node.answer_type, node.accepts, resolved, tuple(inputs.values()))
         kept = first_with.setdefault(key, nid)
         if kept != nid:
             kept_for[nid] = kept

@@ -1,15 +1,20 @@
 """`fuse`: one model call does the work of a chain of calls on the same expert. Off by default.
 
-Only the `chains` variant exists: a maximal path a -> b -> c of sub-queries on one expert where each
-link is private (a feeds only b, b reads only a) becomes one node that asks for every step in order.
-The fused node keeps the *last* id (so the chain's consumers need no rewrite), reads the first node's
-inputs, and lists the originals in `Node.fused_from`; the runtime splits the reply with `split_answer`.
+Only the `chains` variant exists. A link p -> c is fusable when both are sub-queries on one expert,
+c reads only p, and c is p's only such child; maximal runs of fusable links (cut at
+`fuse_max_chain`) become one call that asks for every step in order:
+- the *last* member's id becomes the fused node: it reads the first member's inputs, asks all steps
+  (step i reads step i-1 inside the same reply) and lists the originals in `Node.fused_from`;
+- every other member that something outside the chain reads (typically the query's aggregate)
+  stays in the graph as a *part node* (`Node.part_of` = the fused id, its only input): no model
+  call, answered by its part of the fused reply, read by its original id, so consumers' prompts do
+  not change. A member read only by the next member is dropped (its answer is still in the reply).
+Runtime contract: run the fused node once, split its reply with `split_answer`, store each part under
+its original id. Part nodes are never in a generate step.
 
-Why not `siblings` (b and c both reading a, fused into one call)? Their consumers would each need
-one part of the fused answer, which a reference to a node id cannot express; doing it by convention
-would silently hand consumers both answers and change their prompts. Chains have no such problem:
-only the last step's answer leaves the fused node. Fusing can still change answers (the model sees a
-longer prompt), which is why it is opt-in.
+Why not `siblings` (b and c both reading a, asked in one call)? That needs a new "answer both" prompt
+per parent group and gains little over batching them; chains save a whole dependent round trip.
+Fusing still changes what the model sees (one longer prompt), which is why it is opt-in.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from compiler.passes import register, rewritten
 
 STEP_LINE = re.compile(r"^\s*step\s*(\d+)\s*[:.)-]\s*(.*)$", re.IGNORECASE)
 FORMAT_TOKENS_PER_STEP = 4  # "Step i: " prefix the model writes for each step
+PART_LABEL = "#fused"
 
 
 @register("fuse")
@@ -31,36 +37,45 @@ def fuse(graph: Graph, ctx: PassContext) -> Graph:
     chains = find_chains(graph, ctx.config.fuse_max_chain)
     if not chains:
         return graph
-    last_of = {}  # every chain member -> fused node id (its chain's last member)
-    fused: dict[str, Node] = {}
+    children = graph.children()
+    replaced: dict[str, Node | None] = {}  # None: dropped (read by nothing outside its chain)
     for chain in chains:
-        node = fuse_chain([graph.nodes[nid] for nid in chain])
-        fused[node.id] = node
-        for nid in chain:
-            last_of[nid] = node.id
+        members = [graph.nodes[nid] for nid in chain]
+        fused = fuse_chain(members)
+        replaced[fused.id] = fused
+        for node, following in zip(members, chain[1:]):
+            outside = [c for c in children[node.id] if c != following]
+            replaced[node.id] = part_node(node, fused.id) if outside else None
     out = rewritten(graph)
     out.nodes = {}
     for nid, node in graph.nodes.items():
-        if nid in last_of:
-            if last_of[nid] == nid:
-                out.nodes[nid] = fused[nid]
-            continue
-        out.nodes[nid] = node
+        new = replaced.get(nid, node)
+        if new is not None:
+            out.nodes[nid] = new
     return out
 
 
+def _fusable(node: Node) -> bool:
+    return node.kind is NodeKind.SUBQUERY and not node.fused_from and node.part_of is None
+
+
 def find_chains(graph: Graph, max_len: int) -> list[list[str]]:
-    """Maximal private same-expert chains, split into pieces of at most `max_len` (each >= 2 long)."""
+    """Maximal same-expert chains (each link: the child reads only its parent), cut into pieces of
+    at most `max_len` members; pieces of one member are dropped."""
     nodes = graph.nodes
-    children = graph.children()
     succ: dict[str, str] = {}
-    for pid, kids in children.items():
-        if len(kids) != 1:
+    ambiguous: set[str] = set()
+    for node in nodes.values():
+        if len(node.parents) != 1 or not _fusable(node):
             continue
-        parent, child = nodes[pid], nodes[kids[0]]
-        if (parent.kind is NodeKind.SUBQUERY and child.kind is NodeKind.SUBQUERY and parent.expert == child.expert
-                and child.parents == (pid,) and not parent.fused_from and not child.fused_from):
-            succ[pid] = child.id
+        parent = nodes[node.parents[0]]
+        if not _fusable(parent) or parent.expert != node.expert:
+            continue
+        if parent.id in succ:  # two single-parent children: a tree, not a chain; fuse neither
+            ambiguous.add(parent.id)
+        succ[parent.id] = node.id
+    for pid in ambiguous:
+        del succ[pid]
     has_pred = set(succ.values())
     chains = []
     for nid in topo_order(graph):
@@ -82,7 +97,7 @@ def fuse_chain(chain: list[Node]) -> Node:
     lines = [f"Answer the following {len(chain)} steps in order; a later step may use an earlier step's answer."]
     for i, node in enumerate(chain, start=1):
         template = node.template
-        if i > 1:
+        if i > 1:  # a member's only parent is the previous member: every reference is to it
             template = REFERENCE.sub(f"[the answer to step {i - 1}]", template)
         lines.append(f"Step {i}: {template}")
     lines.append('Reply with exactly one line per step, formatted "Step <number>: <answer>".')
@@ -96,11 +111,17 @@ def fuse_chain(chain: list[Node]) -> Node:
     )
 
 
+def part_node(node: Node, fused_id: str) -> Node:
+    """`node`, now answered by its part of `fused_id`'s reply (keeps its id, answer type and output estimate)."""
+    return node.with_(template="{%s}" % PART_LABEL, inputs={PART_LABEL: fused_id}, accepts=None,
+                      est_prompt_tokens=0, part_of=fused_id)
+
+
 def split_answer(node: Node, reply: str) -> dict[str, str]:
     """Original node id -> its answer, parsed from a fused node's reply.
 
     A step the model did not label gets "", except the last step, which falls back to the whole reply:
-    the last answer is the one consumers read, so they still get something to work with.
+    the last answer is the one the chain's consumers read, so they still get something to work with.
     """
     if not node.fused_from:
         return {node.id: reply}

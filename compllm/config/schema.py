@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from compiler.config import CompilerConfig
 
 
 @dataclass
@@ -79,6 +81,9 @@ class PolicyConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
+    prompt_tokens: int = 256  # calibrate only
+    new_tokens: int = 32  # calibrate only
+    repeats: int = 3  # calibrate only
 
 
 @dataclass
@@ -88,6 +93,7 @@ class CompllmConfig:
     decomposer: DecomposerConfig = field(default_factory=DecomposerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    compiler: CompilerConfig = field(default_factory=CompilerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     query: Optional[str] = None  # one query, or
@@ -99,3 +105,5 @@ class CompllmConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="compllm_schema", node=CompllmConfig)
+    # `compiler.memory_budget=${gib:4}`: budgets in GiB on the command line, bytes in the config.
+    OmegaConf.register_new_resolver("gib", lambda n: int(float(n) * 2**30), replace=True)

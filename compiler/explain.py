@@ -1,0 +1,30 @@
+"""`explain`: what the compiler did to a graph and what the plan will cost, as stable text."""
+from __future__ import annotations
+
+from compiler.ir import Graph
+from compiler.pass_manager import ir_text
+from compiler.plan import Plan
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def explain_text(before: Graph, plan: Plan) -> str:
+    """IR before passes, after each pass (when the compile kept dumps), the plan, span and memory profile."""
+    out = ["== IR before passes", ir_text(before)]
+    dumps = plan.report.dumps if plan.report is not None else []
+    for name, text in dumps:
+        if name != "input":  # the pass manager's first dump is the input graph, already shown above
+            out += [f"== IR after {name}", text]
+    out += ["== plan", plan.dump()]
+    budget = "unlimited" if plan.memory_budget is None else _gib(plan.memory_budget)
+    out += [
+        "== estimates (cost model)",
+        f"  estimated span: {plan.estimated_span_s():.2f} s  (critical path {plan.critical_path_s():.2f} s)",
+        f"  planned peak memory: {_gib(plan.peak_planned_bytes)} of budget {budget}",
+        f"  loads: {plan.loads}",
+        "== memory profile (resident bytes after each step)",
+    ]
+    out += [f"  {sid}: {_gib(b)}" for sid, b in plan.memory_profile()]
+    return "\n".join(out) + "\n"
