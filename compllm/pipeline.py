@@ -7,26 +7,32 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
+from compiler import CompilerConfig, Plan, compile
 from compiler.build import RoutedSubQuery, add_query
 from compiler.ir import Graph
 from compiler.verify import GraphError, verify
 from compllm.backends.pool import ModelPool
+from compllm.costing import build_cost_model
 from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
 from compllm.runtime.context import AGGREGATOR, ExecutionContext
 from compllm.runtime.prompts import Aggregator
 from compllm.runtime.result import QueryResult, RunResult
+from compllm.runtime.trace import chrome_trace
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
     def __init__(self, pool: ModelPool, experts: Mapping[str, Expert], decomposer: Decomposer,
-                 router: EmbeddingRouter, aggregator: Aggregator, policy, max_answer_chars: int = 400):
+                 router: EmbeddingRouter, aggregator: Aggregator, policy, max_answer_chars: int = 400,
+                 compiler_config: CompilerConfig | None = None, cache_dir: str | None = None):
         self.pool, self.experts = pool, dict(experts)
         self.decomposer, self.router, self.aggregator, self.policy = decomposer, router, aggregator, policy
         self.max_answer_chars = max_answer_chars
+        self.compiler_config = compiler_config or CompilerConfig()
+        self.cache_dir = cache_dir
         self.timings: dict[str, float] = {}
         self._ready = False
 
@@ -62,7 +68,7 @@ class Pipeline:
             return [[next(routes) for _ in d.subqueries] for d in decompositions]
 
     def build(self, decompositions: Sequence[Decomposition], routes: Sequence[Sequence[Route]]) -> Graph:
-        with self._stage("compile"):
+        with self._stage("build_graph"):
             graph = Graph()
             known = [*self.experts, AGGREGATOR]
             for i, (d, rs) in enumerate(zip(decompositions, routes)):
@@ -75,6 +81,12 @@ class Pipeline:
             verify(graph, known_experts=known)
             return graph
 
+    def compile(self, graph: Graph) -> Plan:
+        """Passes + lowering under the cost model of the loaded models (measured if calibrated)."""
+        with self._stage("compile"):
+            cost = build_cost_model(self.pool, self.experts, self.aggregator.model, self.cache_dir, AGGREGATOR)
+            return compile(graph, cost, self.compiler_config)
+
     def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None) -> tuple[RunResult, Graph]:
         """`progress(total)` may return a tqdm-like bar that is advanced once per executed node."""
         self.timings = {}
@@ -86,11 +98,12 @@ class Pipeline:
             graph = self.build(decompositions, routes)
         except GraphError as exc:  # the parser guarantees a DAG, so this is a bug: say so loudly
             raise GraphError(f"the frontend produced an invalid graph: {exc}") from exc
+        plan = self.compile(graph) if getattr(self.policy, "needs_plan", False) else None
         ctx = ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars)
-        bar = progress(len(graph)) if progress else None
+        bar = progress(len(plan.graph) if plan else len(graph)) if progress else None
         try:
             with self._stage("execute"):
-                node_results = self.policy.run(graph, ctx, progress=bar)
+                node_results = self.policy.run(graph, ctx, plan=plan, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -121,4 +134,5 @@ class Pipeline:
         }
         errors = [f"{r.node_id}: {r.error}" for q in out for r in q.nodes if r.status == "failed"]
         timings = {k: round(v, 3) for k, v in self.timings.items()}
-        return RunResult(self.policy.name, out, timings, models, errors), graph
+        trace = chrome_trace(self.policy.name, node_results.values(), self.policy.step_records)
+        return RunResult(self.policy.name, out, timings, models, errors, plan.to_dict() if plan else None, trace), graph

@@ -4,6 +4,7 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from compiler import CompilerConfig
 from compllm.backends.pool import ModelPool
 from compllm.config.checks import check_config
 from compllm.experts import experts_from_config
@@ -20,6 +21,9 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         decomposer=instantiate(cfg.decomposer, _convert_="all"),
         router=instantiate(cfg.router, _convert_="all"),
         aggregator=instantiate(cfg.aggregator, _convert_="all"),
-        policy=instantiate(cfg.policy),
+        # unset schema fields (None) are not the policy's arguments
+        policy=instantiate({k: v for k, v in OmegaConf.to_container(cfg.policy).items() if v is not None}),
         max_answer_chars=cfg.max_answer_chars,
+        compiler_config=CompilerConfig(**OmegaConf.to_container(cfg.compiler, resolve=True)),
+        cache_dir=cfg.cache_dir,
     )

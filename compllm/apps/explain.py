@@ -3,20 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from dataclasses import replace
 
-from compiler import CompilerConfig, compile
+from omegaconf import DictConfig
+
 from compiler.explain import explain_text
 from compiler.render import to_dot, to_mermaid
 from compllm.apps.build import build_pipeline
 from compllm.apps.inputs import read_queries
-from compllm.costing import build_cost_model
-
-
-def compiler_config(cfg: DictConfig, **overrides) -> CompilerConfig:
-    fields = OmegaConf.to_container(cfg.compiler, resolve=True)
-    fields.update(overrides)
-    return CompilerConfig(**fields)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -25,8 +19,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     pipeline.prepare()
     decompositions = pipeline.decompose(queries)
     graph = pipeline.build(decompositions, pipeline.route(decompositions))
-    cost = build_cost_model(pipeline.pool, pipeline.experts, pipeline.aggregator.model, cfg.cache_dir)
-    plan = compile(graph, cost, compiler_config(cfg, dump=True))
+    pipeline.compiler_config = replace(pipeline.compiler_config, dump=True)
+    plan = pipeline.compile(graph)
     text = explain_text(graph, plan)
     files = {
         "explain.txt": text,

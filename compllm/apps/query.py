@@ -16,7 +16,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     pipeline = build_pipeline(cfg)
     result, graph = pipeline.run(queries, progress=progress_bar(cfg.show_progress))
     payload = {"config": OmegaConf.to_container(cfg, resolve=True), "ir": graph.dump(), **result.to_dict()}
+    trace = payload.pop("trace")
     (out_dir / "result.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "trace.json").write_text(json.dumps(trace), encoding="utf-8")
     print_result(result)
-    print(f"\nresult.json: {out_dir / 'result.json'}")
+    print(f"\nresult.json: {out_dir / 'result.json'}\ntrace.json (open in https://ui.perfetto.dev): "
+          f"{out_dir / 'trace.json'}")
     return payload

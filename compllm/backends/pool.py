@@ -40,6 +40,25 @@ class ModelPool:
                 self._loaded[key] = self._load(alias)
             return self._loaded[key]
 
+    def evict(self, alias: str) -> None:
+        """Drop this alias's weights (and every alias sharing them) so their memory can be reused."""
+        key = self._key(alias)
+        with self._lock:
+            model = self._loaded.pop(key, None)
+        if model is None:
+            return
+        del model
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
     def loaded(self) -> dict[str, Backend]:
         """Alias -> backend for every alias whose weights are currently loaded."""
         return {a: self._loaded[self._key(a)] for a in self.specs if self._key(a) in self._loaded}

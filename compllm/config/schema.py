@@ -76,6 +76,7 @@ class AggregatorConfig:
 class PolicyConfig:
     _target_: str = MISSING
     name: str = MISSING
+    barrier: Optional[bool] = None  # PlanExecutor only: run plan steps one at a time (the `level` policy)
 
 
 @dataclass

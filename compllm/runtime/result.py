@@ -22,6 +22,7 @@ class NodeResult:
     end: float = 0.0
     batch_size: int = 0
     finish_reason: str = ""
+    note: str = ""  # e.g. "deduplicated: shares the answer of q0:3"
 
     @property
     def ok(self) -> bool:
@@ -46,6 +47,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # alias -> load time, tokens
     errors: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # the compiled plan that ran (None for the sequential baseline)
+    trace: dict[str, Any] = field(default_factory=dict)  # Chrome trace events; written to trace.json
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

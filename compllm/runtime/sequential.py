@@ -7,16 +7,22 @@ from compiler.ir import Graph
 from compllm.backends.base import BackendError
 from compllm.runtime.context import ExecutionContext
 from compllm.runtime.result import NodeResult
+from compllm.runtime.trace import StepRecord
 
 log = logging.getLogger(__name__)
 
 
 class SequentialExecutor:
+    needs_plan = False
+
     def __init__(self, name: str = "sequential"):
         self.name = name
+        self.step_records: list[StepRecord] = []
 
-    def run(self, graph: Graph, ctx: ExecutionContext, progress=None) -> dict[str, NodeResult]:
+    def run(self, graph: Graph, ctx: ExecutionContext, plan=None, progress=None) -> dict[str, NodeResult]:
+        """`plan` is ignored: this baseline deliberately uses none of the compiler's decisions."""
         results: dict[str, NodeResult] = {}
+        self.step_records = []
         for node_id in graph.topo_order():
             node = graph.nodes[node_id]
             res = results[node_id] = ctx.new_result(node)
@@ -40,6 +46,9 @@ class SequentialExecutor:
                     res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
                     res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
             res.end = ctx.now()
+            if res.prompt:
+                self.step_records.append(StepRecord(f"call:{node_id}", "generate", res.model, 0, res.start, res.end,
+                                                    (node_id,)))
             if progress is not None:
                 progress.update(1)
         return results
