@@ -13,7 +13,7 @@ from compiler.ir import Graph
 from compiler.synthetic import random_cost_model, random_graph
 from compllm.backends.sim import DEFAULT_BANDWIDTH_BPS, PlanViolation, simulate, to_chrome_trace
 
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 L, E, G = StepKind.LOAD, StepKind.EVICT, StepKind.GENERATE
 
 

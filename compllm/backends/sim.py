@@ -229,7 +229,7 @@ class _Run:
         self.spans: list[TraceSpan] = []
 
     def go(self) -> None:
-        for stream in sorted(self.queues):
+        for stream in sorted(self.queues, key=lambda k: self.queues[k][0]):  # heads in plan order
             self._try_start(stream)
         while self.timed or self.tagged:
             t_timed = self.timed[0][0] if self.timed else math.inf

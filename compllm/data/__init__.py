@@ -1,0 +1,1 @@
+"""Data sets that ship inside PyPI packages (located with find_spec, never imported)."""
