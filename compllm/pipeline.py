@@ -17,6 +17,7 @@ from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
 from compllm.runtime.context import AGGREGATOR, ExecutionContext
+from compllm.runtime.faults import RetryPolicy
 from compllm.runtime.prompts import Aggregator
 from compllm.runtime.result import QueryResult, RunResult
 from compllm.runtime.trace import chrome_trace
@@ -27,12 +28,14 @@ log = logging.getLogger(__name__)
 class Pipeline:
     def __init__(self, pool: ModelPool, experts: Mapping[str, Expert], decomposer: Decomposer,
                  router: EmbeddingRouter, aggregator: Aggregator, policy, max_answer_chars: int = 400,
-                 compiler_config: CompilerConfig | None = None, cache_dir: str | None = None):
+                 compiler_config: CompilerConfig | None = None, cache_dir: str | None = None,
+                 retry: RetryPolicy | None = None):
         self.pool, self.experts = pool, dict(experts)
         self.decomposer, self.router, self.aggregator, self.policy = decomposer, router, aggregator, policy
         self.max_answer_chars = max_answer_chars
         self.compiler_config = compiler_config or CompilerConfig()
         self.cache_dir = cache_dir
+        self.retry = retry or RetryPolicy()
         self.timings: dict[str, float] = {}
         self._ready = False
 
@@ -81,6 +84,10 @@ class Pipeline:
             verify(graph, known_experts=known)
             return graph
 
+    def context(self) -> ExecutionContext:
+        """A fresh execution context (its clock starts now) over the loaded models."""
+        return ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars, self.retry)
+
     def compile(self, graph: Graph) -> Plan:
         """Passes + lowering under the cost model of the loaded models (measured if calibrated)."""
         with self._stage("compile"):
@@ -99,7 +106,7 @@ class Pipeline:
         except GraphError as exc:  # the parser guarantees a DAG, so this is a bug: say so loudly
             raise GraphError(f"the frontend produced an invalid graph: {exc}") from exc
         plan = self.compile(graph) if getattr(self.policy, "needs_plan", False) else None
-        ctx = ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars)
+        ctx = self.context()
         bar = progress(len(plan.graph) if plan else len(graph)) if progress else None
         try:
             with self._stage("execute"):

@@ -84,7 +84,6 @@ def main() -> None:
     from tqdm import tqdm
 
     from compllm.apps.build import build_pipeline
-    from compllm.runtime.context import ExecutionContext
 
     cfg = compose([f"model={args.model}", *args.override])
     pipeline = build_pipeline(cfg)
@@ -111,7 +110,7 @@ def main() -> None:
             names = list(policies)
             names = names[rep % len(names):] + names[: rep % len(names)]  # rotate order: no policy always first
             for name in names:
-                ctx = ExecutionContext(pipeline.pool, pipeline.experts, pipeline.aggregator, pipeline.max_answer_chars)
+                ctx = pipeline.context()
                 start = time.perf_counter()
                 results = policies[name].run(graph, ctx, plan=plan)
                 wall = time.perf_counter() - start

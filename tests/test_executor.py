@@ -140,3 +140,45 @@ def test_budget_forces_evictions_that_the_executor_carries_out():
 def test_executor_without_plan_is_a_clear_error():
     with pytest.raises(ValueError, match="executes a compiled plan"):
         PlanExecutor().run(workload(), context(Pool({})))
+
+
+class FlakyModel(EchoModel):
+    """Fails the first `failures` calls, or sleeps `hang` seconds: the faults a retry policy must absorb."""
+
+    def __init__(self, name, failures=0, hang=0.0):
+        super().__init__(name)
+        self.failures, self.hang, self.calls = failures, hang, 0
+
+    def generate(self, requests):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise BackendError("transient failure")
+        if self.hang:
+            time.sleep(self.hang)
+        return super().generate(requests)
+
+
+@pytest.mark.parametrize("policy", [SequentialExecutor(), PlanExecutor()], ids=["sequential", "compiled"])
+def test_transient_failure_is_retried(policy):
+    from compllm.runtime.faults import RetryPolicy
+
+    pool = Pool({"small": FlakyModel("small", failures=1), "big": EchoModel("big")})
+    ctx = ExecutionContext(pool, EXPERTS, Aggregator("small", "Combine.", skip_single=False),
+                           retry=RetryPolicy(max_attempts=2, backoff_s=0.01))
+    plan = compile(workload(), cost()) if policy.needs_plan else None
+    results = policy.run(workload(), ctx, plan=plan)
+    assert all(r.ok for r in results.values())
+    assert max(r.attempts for r in results.values()) == 2
+
+
+def test_hung_call_times_out_and_dependents_are_skipped():
+    from compllm.runtime.faults import RetryPolicy
+
+    pool = Pool({"small": EchoModel("small"), "big": FlakyModel("big", hang=2.0)})
+    ctx = ExecutionContext(pool, EXPERTS, Aggregator("small", "Combine.", skip_single=False),
+                           retry=RetryPolicy(max_attempts=1, timeout_s=0.2))
+    start = time.perf_counter()
+    results = SequentialExecutor().run(workload(), ctx)
+    assert time.perf_counter() - start < 1.5  # the hung expert cost its timeout, not its hang
+    assert results["q0:3"].status == "failed" and "longer than 0.2 s" in results["q0:3"].error
+    assert results["q0:agg"].ok and results["q0:1"].ok

@@ -9,6 +9,7 @@ from compllm.backends.pool import ModelPool
 from compllm.config.checks import check_config
 from compllm.experts import experts_from_config
 from compllm.pipeline import Pipeline
+from compllm.runtime.faults import RetryPolicy
 
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
@@ -26,4 +27,5 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         max_answer_chars=cfg.max_answer_chars,
         compiler_config=CompilerConfig(**OmegaConf.to_container(cfg.compiler, resolve=True)),
         cache_dir=cfg.cache_dir,
+        retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)),
     )

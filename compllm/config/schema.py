@@ -80,6 +80,15 @@ class PolicyConfig:
 
 
 @dataclass
+class RetryConfig:
+    """Per model call: attempts (1 = no retry), exponential backoff, and a wall-clock limit per attempt."""
+
+    max_attempts: int = 2
+    backoff_s: float = 0.5
+    timeout_s: Optional[float] = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     prompt_tokens: int = 256  # calibrate only
@@ -96,6 +105,7 @@ class CompllmConfig:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     query: Optional[str] = None  # one query, or
     queries_file: Optional[str] = None  # a text file with one query per line

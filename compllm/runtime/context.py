@@ -9,6 +9,7 @@ from compiler.ir import Graph, Node, NodeKind
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.experts import Expert
+from compllm.runtime.faults import RetryPolicy, call_with_retry
 from compllm.runtime.prompts import Aggregator, fill, subquery_request
 from compllm.runtime.result import NodeResult
 
@@ -21,7 +22,12 @@ class ExecutionContext:
     experts: Mapping[str, Expert]
     aggregator: Aggregator
     max_answer_chars: int = 400
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     t0: float = field(default_factory=time.perf_counter)
+
+    def generate(self, model: str, requests: list[GenerationRequest], what: str):
+        """One (batched) model call under the retry/timeout policy: (generations, attempts)."""
+        return call_with_retry(lambda: self.pool.get(model).generate(requests), self.retry, what)
 
     def model_of(self, node: Node) -> str:
         return self.aggregator.model if node.kind is NodeKind.AGGREGATE else self.experts[node.expert].model

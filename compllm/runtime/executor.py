@@ -15,13 +15,12 @@ from typing import Mapping
 from compiler.ir import Graph, Node
 from compiler.passes.fuse import split_answer
 from compiler.plan import Plan, Step, StepKind
-from compllm.backends.base import BackendError
 from compllm.runtime.context import ExecutionContext
+from compllm.runtime.faults import RECOVERABLE
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
 
 log = logging.getLogger(__name__)
-RECOVERABLE = (BackendError, RuntimeError, ValueError, TimeoutError)
 
 
 class PlanExecutor:
@@ -116,16 +115,18 @@ class _Run:
                     runnable.append((node, res))
             requests = [self.ctx.request(self.graph, node, self.results) for node, _ in runnable]
         if requests:
+            attempts = 0
             try:
-                generations = self.ctx.pool.get(step.model).generate(requests)
+                generations, attempts = self.ctx.generate(step.model, requests, step.id)
             except RECOVERABLE as exc:
                 log.error("step %s failed: %s", step.id, exc)
+                attempts = self.ctx.retry.max_attempts
                 generations = None
                 error = f"{type(exc).__name__}: {exc}"
             with self.lock:
                 end = self.ctx.now()
                 for i, (node, res) in enumerate(runnable):
-                    res.prompt, res.end = requests[i].messages[-1]["content"], end
+                    res.prompt, res.end, res.attempts = requests[i].messages[-1]["content"], end, attempts
                     if generations is None:
                         res.status, res.error = "failed", error
                         continue

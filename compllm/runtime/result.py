@@ -22,6 +22,7 @@ class NodeResult:
     end: float = 0.0
     batch_size: int = 0
     finish_reason: str = ""
+    attempts: int = 0  # model calls made for this node (retries included)
     note: str = ""  # e.g. "deduplicated: shares the answer of q0:3"
 
     @property

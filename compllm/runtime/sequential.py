@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 
 from compiler.ir import Graph
-from compllm.backends.base import BackendError
 from compllm.runtime.context import ExecutionContext
+from compllm.runtime.faults import RECOVERABLE
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
 
@@ -37,10 +37,12 @@ class SequentialExecutor:
                 request = ctx.request(graph, node, results)
                 res.prompt = request.messages[-1]["content"]
                 try:
-                    gen = ctx.pool.get(res.model).generate([request])[0]
-                except (BackendError, RuntimeError, ValueError) as exc:
+                    gens, res.attempts = ctx.generate(res.model, [request], node_id)
+                    gen = gens[0]
+                except RECOVERABLE as exc:
                     log.error("node %s failed: %s", node_id, exc)
                     res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
+                    res.attempts = ctx.retry.max_attempts
                 else:
                     res.status, res.answer = "ok", gen.text
                     res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
