@@ -18,6 +18,7 @@ from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
 from compllm.runtime.context import AGGREGATOR, ExecutionContext
 from compllm.runtime.faults import RetryPolicy
+from compllm.runtime.memory import peak_memory_bytes
 from compllm.runtime.prompts import Aggregator
 from compllm.runtime.result import QueryResult, RunResult
 from compllm.runtime.trace import chrome_trace
@@ -142,4 +143,8 @@ class Pipeline:
         errors = [f"{r.node_id}: {r.error}" for q in out for r in q.nodes if r.status == "failed"]
         timings = {k: round(v, 3) for k, v in self.timings.items()}
         trace = chrome_trace(self.policy.name, node_results.values(), self.policy.step_records)
-        return RunResult(self.policy.name, out, timings, models, errors, plan.to_dict() if plan else None, trace), graph
+        memory = {"measured_peak_bytes": peak_memory_bytes(),
+                  "planned_peak_bytes": plan.peak_planned_bytes if plan else None,
+                  "budget_bytes": self.compiler_config.memory_budget}
+        return RunResult(self.policy.name, out, timings, models, errors, plan.to_dict() if plan else None, trace,
+                         memory), graph

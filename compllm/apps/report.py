@@ -47,5 +47,10 @@ def print_result(result: RunResult) -> None:
     for alias, m in result.models.items():
         print(f"model {alias}: {m['name']} (load {m['load_seconds']:.1f}s, {m['calls']} calls, "
               f"{m['prompt_tokens']} prompt + {m['output_tokens']} output tokens)")
+    mem = result.memory
+    if mem:
+        planned = f", planned {mem['planned_peak_bytes'] / 2**30:.2f} GiB" if mem.get("planned_peak_bytes") else ""
+        budget = f", budget {mem['budget_bytes'] / 2**30:.2f} GiB" if mem.get("budget_bytes") else ""
+        print(f"memory: measured peak {mem['measured_peak_bytes'] / 2**30:.2f} GiB{planned}{budget}")
     for e in result.errors:
         print(f"error: {e}")

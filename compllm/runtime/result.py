@@ -50,6 +50,7 @@ class RunResult:
     errors: list[str] = field(default_factory=list)
     plan: dict[str, Any] | None = None  # the compiled plan that ran (None for the sequential baseline)
     trace: dict[str, Any] = field(default_factory=dict)  # Chrome trace events; written to trace.json
+    memory: dict[str, Any] = field(default_factory=dict)  # measured peak vs the compiler's planned peak and budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
