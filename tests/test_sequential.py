@@ -19,7 +19,7 @@ class ScriptedModel:
         for r in requests:
             user = r.messages[-1]["content"]
             self.prompts.append(user)
-            if "Using these facts" in user:
+            if "Facts from experts" in user:
                 answer = "final"
             elif "EXPLODE" in user:
                 raise BackendError("boom")
@@ -56,7 +56,7 @@ def test_runs_in_topological_order_and_quotes_parent_answers():
     results = SequentialExecutor().run(graph(), context(model))
     assert [results[n].answer for n in ("q0:1", "q0:2", "q0:agg")] == ["Paris", "about 2 million", "final"]
     assert "How many people live in «Paris»?" in model.prompts[1]
-    assert "«about 2 million»" in model.prompts[2] and "Using these facts" in model.prompts[2]
+    assert "«about 2 million»" in model.prompts[2] and "Facts from experts" in model.prompts[2]
     assert all(r.ok and r.end >= r.start for r in results.values())
 
 

@@ -24,8 +24,21 @@ def _tasks() -> dict:
     return {"query": query.run, "explain": explain.run, "calibrate": calibrate.run}
 
 
+def quiet_libraries() -> None:
+    """Keep the console for compllm's own story: no per-tensor progress bars or library chatter."""
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def run_task(cfg: DictConfig, out_dir: Path) -> dict:
     """Run the configured task, writing its files into `out_dir` (the Hydra run dir)."""
+    quiet_libraries()
     tasks = _tasks()
     if cfg.task.name not in tasks:
         raise UsageError(f"unknown task {cfg.task.name!r}; known: {', '.join(tasks)}")

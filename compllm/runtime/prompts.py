@@ -48,10 +48,11 @@ class Aggregator:
 
     def request(self, query: str, parts: Sequence[tuple[str, str, str]]) -> GenerationRequest:
         """`parts` = (label, sub-question, answer or a note that it is missing)."""
-        # Measured on Qwen2.5-Coder-0.5B: facts first, then the question, gives a reply that covers every part;
-        # labelled "Part N / Expert answer" blocks made the model echo the labels back.
+        # Measured on Qwen2.5-Coder-0.5B: question, numbered facts, then "write N sentences, one per part"
+        # covers every part; free-form "answer using these facts" rambled on the first part and dropped the rest.
         facts = "\n".join(f"- {question} {quote(answer, self.max_answer_chars)}" for _, question, answer in parts)
-        user = f"Facts from experts:\n{facts}\n\nUsing these facts, answer: {query}"
+        user = (f"Question: {query}\n\nFacts from experts ({len(parts)} parts):\n{facts}\n\n"
+                f"Write {len(parts)} sentences, one per part.")
         return GenerationRequest(
             ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),
             self.max_new_tokens,
