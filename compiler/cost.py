@@ -27,12 +27,32 @@ class ModelCost:
     decode_s_per_token: float  # one decode step at batch size 1
     call_overhead_s: float = 0.0  # fixed cost per generate call (launch, tokenization, sampling setup)
     load_s: Optional[float] = None  # None: weight_bytes / CostModel.load_bytes_per_s
+    # Measured seconds of one decode step by batch size ({"1": s, "4": s, ...}; str keys survive JSON).
+    # Real kernels are not monotone in batch size (fp32 GEMM on a 2-core AVX2 CPU: a batch of 3 costs more
+    # than 3 batches of 1, a batch of 8 far less), so where measured this replaces the batch_alpha formula.
+    decode_step_s_by_batch: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "decode_step_s_by_batch":
+                if value is not None and not all(int(k) >= 1 and float(v) > 0 for k, v in value.items()):
+                    raise ConfigError(f"ModelCost.{f.name} must map batch sizes >= 1 to positive seconds")
+                continue
             if value is not None and (not isinstance(value, (int, float)) or value < 0 or math.isnan(value)):
                 raise ConfigError(f"ModelCost.{f.name} must be a non-negative number, got {value!r}")
+
+    def measured_step_seconds(self, batch_size: int) -> Optional[float]:
+        """Decode-step seconds at `batch_size` from the measured table: the smallest measured size >= it,
+        or, past the largest, that size's per-row cost times the batch; None when nothing was measured."""
+        if not self.decode_step_s_by_batch:
+            return None
+        table = sorted((int(k), float(v)) for k, v in self.decode_step_s_by_batch.items())
+        for size, seconds in table:
+            if size >= batch_size:
+                return seconds
+        size, seconds = table[-1]
+        return seconds * batch_size / size
 
     @classmethod
     def roofline(cls, params: int, bytes_per_param: float, layers: int, kv_heads: int, head_dim: int,
@@ -119,7 +139,11 @@ class CostModel:
 
     # --- time ----------------------------------------------------------------------------------
     def decode_step_seconds(self, alias: str, batch_size: int) -> float:
-        return self.cost(alias).decode_s_per_token * (1.0 + self.batch_alpha * (max(batch_size, 1) - 1))
+        mc = self.cost(alias)
+        measured = mc.measured_step_seconds(max(batch_size, 1))
+        if measured is not None:
+            return measured
+        return mc.decode_s_per_token * (1.0 + self.batch_alpha * (max(batch_size, 1) - 1))
 
     def batch_seconds(self, alias: str, tokens: Sequence[tuple[int, int]]) -> float:
         """One generate call: prefill every prompt, then decode until the longest answer is done."""

@@ -67,9 +67,24 @@ def roofline_cost(model) -> ModelCost:
 
 
 def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: str | None = None,
-                     aggregator_expert: str = "aggregator") -> CostModel:
-    """A CostModel over every alias the experts and aggregator use (loads those models if needed)."""
+                     aggregator_expert: str = "aggregator", auto_calibrate: bool = False) -> CostModel:
+    """A CostModel over every alias the experts and aggregator use (loads those models if needed).
+
+    With `auto_calibrate`, a model never measured on this machine is calibrated once (tens of seconds) and
+    saved, so the batch pass decides with this hardware's real batch-size curve rather than a formula.
+    """
     calibration = load_calibration(cache_dir)
+    if auto_calibrate:
+        missing = {}
+        for alias in dict.fromkeys([*(e.model for e in experts.values()), aggregator_model]):
+            model = pool.get(alias)
+            key = calibration_key(model)
+            if key not in calibration and key not in missing:
+                log.info("calibrating %s on this machine, once (compiler.auto_calibrate)", key)
+                missing[key] = calibrate(model, prompt_tokens=64, new_tokens=4, repeats=1)
+        if missing:
+            save_calibration(cache_dir, missing)
+            calibration = load_calibration(cache_dir)
     expert_model = {name: e.model for name, e in experts.items()}
     expert_model[aggregator_expert] = aggregator_model
     models = {}
@@ -80,34 +95,56 @@ def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: s
     return CostModel(models=models, expert_model=expert_model)
 
 
-def calibrate(model, prompt_tokens: int = 256, new_tokens: int = 32, repeats: int = 3) -> ModelCost:
-    """Measure prefill and decode seconds per token at batch 1 (medians over `repeats`)."""
+BATCH_SIZES = (1, 2, 3, 4, 6, 8)
+
+
+def _time_generate(model, ids, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, generate seconds) for one batch of prompts `ids`."""
+    import torch
+
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    model.model(input_ids=ids, attention_mask=mask)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    return prefill, time.perf_counter() - start
+
+
+def calibrate(model, prompt_tokens: int = 256, new_tokens: int = 32, repeats: int = 3,
+              batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ModelCost:
+    """Measure prefill and decode seconds per token at batch 1, and the decode step at each batch size
+    (medians over `repeats`, after one warm-up round)."""
     import statistics
 
     import torch
 
-    ids = torch.full((1, prompt_tokens), model.tokenizer.pad_token_id or 0, dtype=torch.long, device=model.device)
-    ids[0, 0] = model.tokenizer.bos_token_id or ids[0, 0]
+    token = model.tokenizer.bos_token_id or model.tokenizer.eos_token_id or 0
+
+    def ids(batch: int, length: int):
+        return torch.full((batch, length), token, dtype=torch.long, device=model.device)
+
     prefill, decode = [], []
+    steps: dict[str, list[float]] = {str(b): [] for b in batch_sizes}
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first round warms up kernels and allocators
-            start = time.perf_counter()
-            model.model(input_ids=ids)
-            p = time.perf_counter() - start
-            start = time.perf_counter()
-            model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=model.tokenizer.pad_token_id)
-            g = time.perf_counter() - start
-            prefill.append(p / prompt_tokens)
-            decode.append(max(g - p, 0.0) / new_tokens)
+        for round_ in range(repeats + 1):  # round 0 warms up kernels and allocators
+            p, g = _time_generate(model, ids(1, prompt_tokens), new_tokens)
+            if round_:
+                prefill.append(p / prompt_tokens)
+                decode.append(max(g - p, 0.0) / new_tokens)
+            for b in batch_sizes:  # short prompts: the batch curve is about the decode-step kernels
+                p, g = _time_generate(model, ids(b, 16), new_tokens)
+                if round_:
+                    steps[str(b)].append(max(g - p, 1e-6) / new_tokens)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.model.parameters())
     return ModelCost(
         weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_bytes_per_token(model),
-        prefill_s_per_token=statistics.median(prefill[1:]),
-        decode_s_per_token=statistics.median(decode[1:]),
+        prefill_s_per_token=statistics.median(prefill),
+        decode_s_per_token=statistics.median(decode),
         load_s=model.stats.load_seconds,
+        decode_step_s_by_batch={b: statistics.median(v) for b, v in steps.items()},
     )
 
 

@@ -30,13 +30,14 @@ class Pipeline:
     def __init__(self, pool: ModelPool, experts: Mapping[str, Expert], decomposer: Decomposer,
                  router: EmbeddingRouter, aggregator: Aggregator, policy, max_answer_chars: int = 400,
                  compiler_config: CompilerConfig | None = None, cache_dir: str | None = None,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, auto_calibrate: bool = False):
         self.pool, self.experts = pool, dict(experts)
         self.decomposer, self.router, self.aggregator, self.policy = decomposer, router, aggregator, policy
         self.max_answer_chars = max_answer_chars
         self.compiler_config = compiler_config or CompilerConfig()
         self.cache_dir = cache_dir
         self.retry = retry or RetryPolicy()
+        self.auto_calibrate = auto_calibrate
         self.timings: dict[str, float] = {}
         self._ready = False
 
@@ -92,7 +93,8 @@ class Pipeline:
     def compile(self, graph: Graph) -> Plan:
         """Passes + lowering under the cost model of the loaded models (measured if calibrated)."""
         with self._stage("compile"):
-            cost = build_cost_model(self.pool, self.experts, self.aggregator.model, self.cache_dir, AGGREGATOR)
+            cost = build_cost_model(self.pool, self.experts, self.aggregator.model, self.cache_dir, AGGREGATOR,
+                                    self.auto_calibrate)
             return compile(graph, cost, self.compiler_config)
 
     def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None) -> tuple[RunResult, Graph]:

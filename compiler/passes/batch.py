@@ -2,7 +2,7 @@
 
 "Ready together" = same topological level (no node on a level depends on another on it). Each
 (level, model) group, in graph order, is cut greedily into batches bounded by `max_batch_size` and
-by KV memory: a batch's left-padded KV must fit in the budget left after its own model's weights
+by KV memory (a batch the cost model says is slower than its calls one by one is split into singles): a batch's left-padded KV must fit in the budget left after its own model's weights
 (and under `max_batch_kv_bytes` if set). The residency planner later reserves each model's largest
 batch KV next to its weights, so any batch can run whatever else is resident.
 Output: `annotations["batches"]`, a tuple of `Batch` in level order.
@@ -78,9 +78,15 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, 
         longest_p = longest_o = 0
 
         def close() -> None:
-            if members:
+            together = cost.batch_seconds(model, tokens)
+            if len(members) > 1 and together > sum(cost.batch_seconds(model, [t]) for t in tokens):
+                # the measured kernels make this batch size slower than its calls one by one: don't batch
+                for nid, t in zip(members, tokens):
+                    batches.append(Batch(len(batches), model, level, (nid,), cost.batch_kv_bytes(model, [t]),
+                                         cost.batch_seconds(model, [t])))
+            elif members:
                 batches.append(Batch(len(batches), model, level, tuple(members),
-                                     cost.batch_kv_bytes(model, tokens), cost.batch_seconds(model, tokens)))
+                                     cost.batch_kv_bytes(model, tokens), together))
 
         for nid in groups[(level, model)]:
             p, o = tokens_of[nid]

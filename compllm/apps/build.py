@@ -28,4 +28,5 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         compiler_config=CompilerConfig(**OmegaConf.to_container(cfg.compiler, resolve=True)),
         cache_dir=cfg.cache_dir,
         retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)),
+        auto_calibrate=cfg.auto_calibrate,
     )

@@ -112,6 +112,7 @@ class CompllmConfig:
     cache_dir: Optional[str] = None  # model cache; default $COMPLLM_CACHE or $XDG_CACHE_HOME/compllm
     max_answer_chars: int = 400  # cap on a parent answer quoted into a dependent prompt
     show_progress: bool = True
+    auto_calibrate: bool = True  # measure a model's costs once per machine before compiling for it
 
 
 def register() -> None:
