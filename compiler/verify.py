@@ -10,6 +10,7 @@ from graphlib import TopologicalSorter
 from typing import Iterable
 
 from compiler.ir import Graph, NodeKind
+from compiler.levels import waves
 
 
 class GraphError(ValueError):
@@ -86,27 +87,12 @@ def _check_acyclic(graph: Graph) -> None:
 
 
 def _is_acyclic(graph: Graph) -> bool:
-    """Kahn's algorithm over the (already reference-checked) graph: acyclic iff every node gets scheduled."""
-    waiting = {}
-    children: dict[str, list[str]] = {}
-    ready = []
-    for node in graph:
-        parents = node.parents
-        if parents:
-            waiting[node.id] = len(parents)
-            for parent in parents:
-                children.setdefault(parent, []).append(node.id)
-        else:
-            ready.append(node.id)
-    done = 0
-    while ready:
-        nid = ready.pop()
-        done += 1
-        for child in children.get(nid, ()):
-            waiting[child] -= 1
-            if not waiting[child]:
-                ready.append(child)
-    return done == len(graph.nodes)
+    """Linear-time check (Kahn, shared with the level computation); graphlib then only names a cycle."""
+    try:
+        waves(graph)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_experts(graph: Graph, known: set[str]) -> None:

@@ -91,12 +91,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    import matplotlib  # a project dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     xs = [r["nodes"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(xs, [r["seconds"] for r in rows], "o-", label="total")

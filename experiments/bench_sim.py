@@ -160,12 +160,10 @@ def gap_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    import matplotlib  # a project dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     sizes = sorted({r["queries"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, n in zip(axes[0], sizes):
