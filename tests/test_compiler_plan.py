@@ -228,28 +228,28 @@ query q2 sink=q2:agg: 'Is the Seine longer than the Loire?'
   q2:agg [aggregate] expert=aggregator type=text inputs(#1=q2:1): 'Is the Seine longer than the Loire?'"""
 
 GOLDEN_PLAN = """\
-plan steps=8 loads=2 budget=3,500 peak=3,352 eviction=belady streams=1
-  footprint small=1,064
-  footprint big=3,352
+plan steps=8 loads=2 budget=3,500 peak=3,264 eviction=belady streams=1
+  footprint small=1,056
+  footprint big=3,264
   alias q1:1 -> q0:1
-  [1] load:small#0: load small | resident=1,064
-  [0] gen:small#0: generate small (q0:1, q1:2) after load:small#0 | resident=1,064
-  [0] gen:small#1: generate small (q2:1) after load:small#0 | resident=1,064
+  [1] load:small#0: load small | resident=1,056
+  [0] gen:small#0: generate small (q1:2, q2:1) after load:small#0 | resident=1,056
+  [0] gen:small#1: generate small (q0:1) after load:small#0 | resident=1,056
   [1] evict:small#0: evict small after load:small#0, gen:small#0, gen:small#1 | resident=0
-  [1] load:big#0: load big after evict:small#0 | resident=3,352
-  [0] gen:big#0: generate big (q0:2, q1:agg) after load:big#0, gen:small#0 | resident=3,352
-  [0] gen:big#1: generate big (q2:agg) after load:big#0, gen:small#1 | resident=3,352
-  [0] gen:big#2: generate big (q0:agg) after load:big#0, gen:small#0, gen:big#0 | resident=3,352"""
+  [1] load:big#0: load big after evict:small#0 | resident=3,264
+  [0] gen:big#0: generate big (q0:2, q2:agg) after load:big#0, gen:small#1, gen:small#0 | resident=3,264
+  [0] gen:big#1: generate big (q1:agg) after load:big#0, gen:small#1, gen:small#0 | resident=3,264
+  [0] gen:big#2: generate big (q0:agg) after load:big#0, gen:small#1, gen:big#0 | resident=3,264"""
 
 
 def test_golden_graph_and_plan_text():
     plan = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=2))
     assert plan.graph.dump() == GOLDEN_GRAPH
     assert plan.dump() == GOLDEN_PLAN
-    # small: 1000 B weights + its largest batch (2 nodes x (8 prompt + 8 output) x 2 B) = 1064
-    assert plan.footprints == {"small": 1064, "big": 3352}
+    # small: 1000 B weights + its largest batch (the two shortest prompts together: 2 x (6 + 8) tokens x 2 B) = 1056
+    assert plan.footprints == {"small": 1056, "big": 3264}
     # load small 0.1 s; two small batches; load big 1.5 s; then the big batches (q0:agg after gen:big#0)
-    assert plan.critical_path_s() == pytest.approx(2.522)
+    assert plan.critical_path_s() == pytest.approx(2.498)
     assert plan.estimated_span_s() == pytest.approx(2.962)
     assert plan.memory_profile()[3] == ("evict:small#0", 0)
 

@@ -1,7 +1,8 @@
 """`batch`: group nodes of one model that become ready together into one generate call.
 
 "Ready together" = same topological level (no node on a level depends on another on it). Each
-(level, model) group, in graph order, is cut greedily into batches bounded by `max_batch_size` and
+(level, model) group, ordered by estimated prompt length (graph order among equals: a left-padded batch
+computes every row at its longest prompt, so similar lengths waste the least prefill), is cut greedily into batches bounded by `max_batch_size` and
 by KV memory (a batch the cost model says is slower than its calls one by one is split into singles): a batch's left-padded KV must fit in the budget left after its own model's weights
 (and under `max_batch_kv_bytes` if set). The residency planner later reserves each model's largest
 batch KV next to its weights, so any batch can run whatever else is resident.
@@ -88,7 +89,7 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, 
                 batches.append(Batch(len(batches), model, level, tuple(members),
                                      cost.batch_kv_bytes(model, tokens), together))
 
-        for nid in groups[(level, model)]:
+        for nid in sorted(groups[(level, model)], key=lambda n: tokens_of[n][0]):  # stable
             p, o = tokens_of[nid]
             grown = (len(members) + 1) * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
             if members and (len(members) >= max_size or grown > limit):

@@ -1,6 +1,8 @@
 """transformers backend: greedy, batched generation with left padding and the model's chat template."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import time
@@ -86,32 +88,14 @@ class HFModel:
         if not requests:
             return []
         prompts = [self.render(r) for r in requests]
-        max_new = max(r.max_new_tokens for r in requests)
-        # Stop strings end a row's decoding early, so only pass them when every row shares them;
-        # otherwise each row is cut at its own stops after decoding.
-        stops = list(requests[0].stop) if all(r.stop == requests[0].stop for r in requests) else []
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=stops or None,
-                tokenizer=self.tokenizer if stops else None,
-            )
+            rows = self._decode(enc["input_ids"], enc["attention_mask"], requests)
             seconds = time.perf_counter() - start
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
         results = []
-        for i, request in enumerate(requests):
-            ids = new_tokens[i][: request.max_new_tokens].tolist()
-            ids, finished = self._cut_at_eos(ids)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            text, stopped = _cut_at_stop(text, request.stop)
+        for i, (request, (ids, finished)) in enumerate(zip(requests, rows)):
+            text, stopped = _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.stop)
             prompt_tokens = int(enc["attention_mask"][i].sum())
             results.append(
                 Generation(
@@ -129,14 +113,66 @@ class HFModel:
         self.stats.generate_seconds += seconds
         return results
 
-    def _cut_at_eos(self, ids: list[int]) -> tuple[list[int], bool]:
-        """Drop everything from the first end-of-sequence token (padding after a finished row too)."""
+    def _decode(self, input_ids, attention_mask, requests: Sequence[GenerationRequest]) -> list[tuple[list[int], bool]]:
+        """Greedy decoding of a left-padded batch that drops each row from the batch as soon as it is done.
+
+        `model.generate` keeps finished rows in the batch until the longest one ends, so one rambling answer
+        makes every row pay its decode steps; here a row leaves (its KV rows are dropped) at its own end of
+        sequence, stop string or `max_new_tokens`, and the step cost shrinks with the live batch.
+        Returns (new token ids without the end-of-sequence token, finished by eos/stop) per request.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        eos = self._eos_ids()
+        tokens: list[list[int]] = [[] for _ in requests]
+        finished = [False] * len(requests)
+        live = list(range(len(requests)))  # request index of each row still in the batch
+        cache = DynamicCache()
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        logits = self._forward(input_ids, attention_mask, positions, cache)
+        next_position = positions[:, -1:] + 1
+        while live:
+            chosen = logits[:, -1, :].argmax(-1)
+            keep = []
+            for j, row in enumerate(live):
+                token = int(chosen[j])
+                if token in eos:
+                    finished[row] = True
+                    continue
+                tokens[row].append(token)
+                request = requests[row]
+                if request.stop and _cut_at_stop(self.tokenizer.decode(tokens[row][-32:]), request.stop)[1]:
+                    finished[row] = True
+                elif len(tokens[row]) < request.max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=chosen.device)
+                cache.batch_select_indices(index)
+                attention_mask, chosen, next_position = attention_mask[index], chosen[index], next_position[index]
+                live = [live[j] for j in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+            logits = self._forward(chosen[:, None], attention_mask, next_position, cache)
+            next_position = next_position + 1
+        return [(ids, done) for ids, done in zip(tokens, finished)]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        """One forward pass that fills `cache`, computing logits for the last position only."""
+        kwargs = {self._cache_kwarg: cache}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=True, logits_to_keep=1, **kwargs).logits
+
+    @functools.cached_property
+    def _cache_kwarg(self) -> str:
+        """transformers 5.x names the forward's cache argument `cache`; 4.x `past_key_values`."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        for pos, tok in enumerate(ids):
-            if tok in eos_ids:
-                return ids[:pos], True
-        return ids, False
+        ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        return {i for i in ids if i is not None}
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
