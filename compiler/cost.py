@@ -146,12 +146,18 @@ class CostModel:
         return mc.decode_s_per_token * (1.0 + self.batch_alpha * (max(batch_size, 1) - 1))
 
     def batch_seconds(self, alias: str, tokens: Sequence[tuple[int, int]]) -> float:
-        """One generate call: prefill every prompt, then decode until the longest answer is done."""
+        """One generate call as the hf backend runs it: a left-padded prefill (every row at the longest prompt),
+        then decode steps in which each row leaves the batch when its answer is done, so the step cost
+        follows the live batch size: sum over k of (o_k - o_(k-1)) x step(rows still live)."""
         if not tokens:
             return 0.0
         mc = self.cost(alias)
-        prefill = sum(p for p, _ in tokens) * mc.prefill_s_per_token
-        decode = max(o for _, o in tokens) * self.decode_step_seconds(alias, len(tokens))
+        prefill = len(tokens) * max(p for p, _ in tokens) * mc.prefill_s_per_token
+        decode, done = 0.0, 0
+        outputs = sorted(o for _, o in tokens)
+        for k, out in enumerate(outputs):
+            decode += (out - done) * self.decode_step_seconds(alias, len(outputs) - k)
+            done = out
         return mc.call_overhead_s + prefill + decode
 
     def load_seconds(self, alias: str) -> float:

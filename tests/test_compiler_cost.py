@@ -32,8 +32,9 @@ def test_batch_kv_is_left_padded_and_time_has_sublinear_decode():
     tokens = [(10, 4), (2, 8)]
     assert cm.batch_kv_bytes("a", tokens) == 2 * (10 + 8) * 10
     assert cm.batch_kv_bytes("a", []) == 0
-    # overhead + prefill of all prompts + longest output x decode step at batch 2 = 0.01 * (1 + 0.1)
-    assert cm.batch_seconds("a", tokens) == pytest.approx(0.5 + 12 * 0.001 + 8 * 0.01 * 1.1)
+    # overhead + left-padded prefill (2 rows x longest prompt 10) + 4 steps at batch 2 (0.01 x 1.1), then the
+    # shorter row has left the batch: 4 more steps at batch 1
+    assert cm.batch_seconds("a", tokens) == pytest.approx(0.5 + 2 * 10 * 0.001 + 4 * 0.01 * 1.1 + 4 * 0.01)
     one = cm.batch_seconds("a", [(10, 8)]) - 0.5
     eight = cm.batch_seconds("a", [(10, 8)] * 8) - 0.5
     assert one < eight < 8 * one  # batching is cheaper than separate calls

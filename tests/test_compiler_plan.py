@@ -249,8 +249,8 @@ def test_golden_graph_and_plan_text():
     # small: 1000 B weights + its largest batch (the two shortest prompts together: 2 x (6 + 8) tokens x 2 B) = 1056
     assert plan.footprints == {"small": 1056, "big": 3264}
     # load small 0.1 s; two small batches; load big 1.5 s; then the big batches (q0:agg after gen:big#0)
-    assert plan.critical_path_s() == pytest.approx(2.498)
-    assert plan.estimated_span_s() == pytest.approx(2.962)
+    assert plan.critical_path_s() == pytest.approx(2.488)
+    assert plan.estimated_span_s() == pytest.approx(2.952)
     assert plan.memory_profile()[3] == ("evict:small#0", 0)
 
 
