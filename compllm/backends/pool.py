@@ -83,4 +83,5 @@ class ModelPool:
             revision=resolved.revision,
             dtype=spec.get("dtype", "auto"),
             device=spec.get("device", "auto"),
+            decode_matmul=spec.get("decode_matmul", "auto"),
         )

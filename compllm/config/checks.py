@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compllm.backends.hf import DTYPES
+from compllm.backends.hf import DECODE_MATMULS, DTYPES
 from compllm.runtime.context import AGGREGATOR
 
 
@@ -21,6 +21,8 @@ def check_config(cfg: Any) -> None:
             problems.append(f"models.{alias}.dtype={spec.dtype!r}: use one of {', '.join(DTYPES)}")
         if not (spec.device in ("auto", "cpu") or str(spec.device).startswith("cuda")):
             problems.append(f"models.{alias}.device={spec.device!r}: use auto, cpu, cuda or cuda:N")
+        if spec.decode_matmul not in DECODE_MATMULS:
+            problems.append(f"models.{alias}.decode_matmul={spec.decode_matmul!r}: use one of {', '.join(DECODE_MATMULS)}")
 
     def need_model(where: str, alias: str) -> None:
         if alias not in models:

@@ -21,6 +21,7 @@ class ModelConfig:
     backend: str = "hf"
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 where the hardware has it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    decode_matmul: str = "auto"  # auto: weight-major matmul for decode-sized inputs on CPU | torch: nn.Linear as is
 
 
 @dataclass
