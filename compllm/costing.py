@@ -28,7 +28,9 @@ def calibration_path(cache_dir: str | None) -> Path:
 
 
 def calibration_key(model) -> str:
-    return f"{model.name}|{model.device.split(':')[0]}|{model.dtype}"
+    """Timings hold for one model on one device kind, dtype and decode kernel (a changed kernel re-measures)."""
+    kernel = "weight-major" if getattr(model, "skinny_linears", 0) else "torch"
+    return f"{model.name}|{model.device.split(':')[0]}|{model.dtype}|{kernel}"
 
 
 def load_calibration(cache_dir: str | None) -> dict:
