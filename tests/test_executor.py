@@ -52,13 +52,18 @@ EXPERTS = {name: Expert(name, "d", model, "sys") for name, model in
            [("general", "small"), ("math", "big"), ("medicine", "small")]}
 
 
-def workload() -> Graph:
-    g = Graph()
+def wall_query(g: Graph) -> Graph:
+    """q0: a two-step `general` chain (#2 needs #1) beside an independent `math` sub-query."""
     add_query(g, "q0", "PM when the Wall fell, and 15% of 240?", [
         RoutedSubQuery(1, "In what year did the Berlin Wall fall?", (), "general", max_new_tokens=8),
         RoutedSubQuery(2, "Who was the British prime minister in #1?", (1,), "general", max_new_tokens=8),
         RoutedSubQuery(3, "What is 15% of 240?", (), "math", max_new_tokens=8),
     ], AGGREGATOR, 16)
+    return g
+
+
+def workload() -> Graph:
+    g = wall_query(Graph())
     add_query(g, "q1", "15% of 240, and scurvy?", [
         RoutedSubQuery(1, "What is 15% of 240?", (), "math", max_new_tokens=8),
         RoutedSubQuery(2, "Which vitamin prevents scurvy?", (), "medicine", max_new_tokens=8),
@@ -104,12 +109,7 @@ def test_deduplicated_node_reports_its_twin_answer():
 
 def test_eager_dataflow_overlaps_independent_models():
     """Two models on two streams: the slow model's batch must not hold back the other model's chain."""
-    g = Graph()
-    add_query(g, "q0", "PM when the Wall fell, and 15% of 240?", [
-        RoutedSubQuery(1, "In what year did the Berlin Wall fall?", (), "general", max_new_tokens=8),
-        RoutedSubQuery(2, "Who was the British prime minister in #1?", (1,), "general", max_new_tokens=8),
-        RoutedSubQuery(3, "What is 15% of 240?", (), "math", max_new_tokens=8),
-    ], AGGREGATOR, 16)
+    g = wall_query(Graph())
     pool = Pool({"small": EchoModel("small", delay=0.05), "big": EchoModel("big", delay=0.3)})
     policy = PlanExecutor()
     results, plan = run(policy, g, pool, CompilerConfig(streams=2))

@@ -130,7 +130,7 @@ class HFModel:
         import torch
         from transformers import DynamicCache
 
-        eos = self._eos_ids()
+        eos = self._eos_ids
         tokens: list[list[int]] = [[] for _ in requests]
         finished = [False] * len(requests)
         live = list(range(len(requests)))  # request index of each row still in the batch
@@ -175,6 +175,7 @@ class HFModel:
         """transformers 5.x names the forward's cache argument `cache`; 4.x `past_key_values`."""
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
+    @functools.cached_property
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
@@ -184,32 +185,26 @@ class HFModel:
 def use_skinny_linears(model) -> int:
     """Route decode-sized inputs of every `nn.Linear` through `weight @ x.T`; returns how many were switched.
 
-    Why: a decode step multiplies a few rows by each weight matrix. On CPU, `F.linear` (x @ W.T) runs that
-    through a GEMM that packs the whole weight matrix per call; measured on a 2-core AVX2 machine, a
-    Qwen2.5-0.5B fp32 decode step took 172/349/442/425 ms at batch 1/2/4/8 that way, and 176/225/231/332 ms
-    with the weight as the left operand. Prefill (many rows) keeps `F.linear`, which is faster there.
+    Why: a decode step multiplies a few rows by each weight matrix, and on CPU fp32 `F.linear` (x @ W.T) is slow
+    for 2-8 rows while `weight @ x.T` is not (`experiments/bench_decode_step.py`: Qwen2.5-0.5B decode step by
+    batch size, both kernels). Prefill (many rows) keeps `F.linear`.
     """
-    import types
-
     import torch
 
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = types.MethodType(_skinny_linear_forward, module)
-            switched += 1
-    return switched
+    linear, mm = torch.nn.functional.linear, torch.mm
 
+    def forward(module, x):
+        if x.numel() > SKINNY_ROWS * x.shape[-1]:
+            return linear(x, module.weight, module.bias)
+        y = mm(module.weight, x.reshape(-1, x.shape[-1]).T).T
+        if module.bias is not None:
+            y = y + module.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
-def _skinny_linear_forward(self, x):
-    import torch
-
-    if x.numel() > SKINNY_ROWS * x.shape[-1]:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.mm(self.weight, x.reshape(-1, x.shape[-1]).T).T
-    if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for module in linears:
+        module.forward = forward.__get__(module)
+    return len(linears)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
