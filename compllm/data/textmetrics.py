@@ -90,7 +90,7 @@ _EXPLICIT_YN = re.compile(
     r"\banswer\b(?:\s+(?:to\s+(?:this|the|your)\s+question\s+)?(?:is|would\s+be|will\s+be|=))?\s*:?\s*[\"'(\[]*\s*"
     r"(yes|no|true|false)\b")
 _CLAUSE_YN = re.compile(
-    r"(?:^|[.!?;:\n(\"']\s*|\b(?:so|thus|therefore|hence|then|overall|in\s+short|in\s+conclusion|in\s+summary),?\s+)"
+    r"(?:^|[.!?;:\n(\"']\s*|\b(?:so|thus|therefore|hence|then|but|overall|in\s+short|in\s+conclusion|in\s+summary),?\s+)"
     r"(yes|no)\b(?!\s*(?:one|longer|more|matter|doubt|idea|less|way|evidence|record)\b)")
 _BOTH = re.compile(r"^\W*(?:yes|no)\s*(?:and|or|&|/)\s*(?:yes|no)\b")
 
@@ -98,9 +98,9 @@ _BOTH = re.compile(r"^\W*(?:yes|no)\s*(?:and|or|&|/)\s*(?:yes|no)\b")
 def parse_yes_no(text: str) -> bool | None:
     """True / False for a yes-no answer in free text; None when there is none or it contradicts itself.
 
-    Order: an explicit "answer is X" / "Answer: X" (the last one wins: small models often revise), then
-    "yes"/"no" (or "true"/"false") as the first word, then "yes"/"no" opening a clause ("..., so no.") —
-    those must all agree. A bare "no" inside a sentence ("there is no evidence") is not an answer.
+    An explicit "answer is X" / "Answer: X" decides (the last one: small models often revise). Otherwise
+    every "yes"/"no" that opens the text or a clause ("No, because...", "..., so no.") and a leading
+    "true"/"false" must agree. A "no" inside a sentence ("there is no evidence") is not an answer.
     """
     if not text:
         return None
@@ -111,10 +111,10 @@ def parse_yes_no(text: str) -> bool | None:
         return _WORD[explicit[-1]]
     if _BOTH.match(t):
         return None
-    first = re.match(r"^\W*(yes|no|true|false)\b", t)
-    if first and not re.match(r"^\W*no\s+(?:one|longer|more|matter|doubt|idea|way|evidence|record)\b", t):
-        return _WORD[first.group(1)]
     found = {_WORD[w] for w in _CLAUSE_YN.findall(t)}
+    first = re.match(r"^\W*(true|false)\b", t)
+    if first:
+        found.add(_WORD[first.group(1)])
     return found.pop() if len(found) == 1 else None
 
 
@@ -191,7 +191,7 @@ def parse_choice_letters(text: str, k: int) -> list[str | None]:
         raise ValueError(f"k must be >= 1, got {k}")
     text = _MARKUP.sub("", unicodedata.normalize("NFKC", text or ""))
     out: list[str | None] = [None] * k
-    labels = _labels(text, k) if k > 1 or re.search(r"\b(?:question|part|q)\s*#?\s*1\b", text, re.I) else []
+    labels = _labels(text, k)
     if labels:
         for (start, end, n), nxt in zip(labels, labels[1:] + [(len(text), 0, 0)]):
             letter = _letter(text[end:nxt[0]])
