@@ -1,13 +1,34 @@
-"""Lift routed sub-queries into the IR: one sub-query node each, one aggregate sink per query."""
+"""Lift routed sub-queries into the IR: one sub-query node each, one aggregate sink per query.
+
+This is where input enters the compiler, so it checks everything before touching the graph: an input
+that cannot form a valid query (too many sub-queries, an over-long text, a reference to a sub-query that
+does not exist or to itself, a cycle, a duplicate id) raises a specific `BuildError` and leaves the graph
+unchanged, so one bad query never leaves half a query behind in a batch.
+"""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from graphlib import CycleError as _GraphlibCycle
+from graphlib import TopologicalSorter
 
-from compiler.ir import AnswerType, Graph, Node, NodeKind, Provenance, Query
+from compiler.ir import REFERENCE, AnswerType, Graph, Node, NodeKind, Provenance, Query
+from compiler.verify import CycleError, GraphError
 
 _HASH_REF = re.compile(r"#(\d+)\b")
 CHARS_PER_TOKEN = 4  # rough prompt-size estimate until a tokenizer-based cost model replaces it
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """Caps on one query's input; the pipeline sets them from the decomposer's caps."""
+
+    max_subqueries: int = 64
+    max_chars: int = 20_000  # per text: the query and each sub-query
+
+
+class BuildError(GraphError):
+    """The input cannot form a valid query graph; the message names the query, the sub-query and the fix."""
 
 
 @dataclass(frozen=True)
@@ -35,11 +56,18 @@ def add_query(
     subqueries: list[RoutedSubQuery],
     aggregator_expert: str,
     aggregator_max_new_tokens: int = 0,
+    limits: BuildLimits = BuildLimits(),
 ) -> Query:
-    """Append one query's nodes to `graph`; `#k` in a sub-query becomes the reference `{#k}`."""
+    """Append one query's nodes to `graph`; `#k` in a sub-query becomes the reference `{#k}`.
+
+    Raises BuildError (or CycleError) without changing `graph` when the input is invalid or over `limits`.
+    """
+    subqueries = list(subqueries)
+    _check(graph, query_id, text, subqueries, limits)
     for sq in subqueries:
         deps = set(sq.depends_on)
-        template = _HASH_REF.sub(lambda m: "{#%s}" % m.group(1) if int(m.group(1)) in deps else m.group(0), sq.text)
+        template = _HASH_REF.sub(lambda m: "{#%s}" % m.group(1) if int(m.group(1)) in deps else m.group(0),
+                                 _literal(sq.text))
         graph.add(
             Node(
                 id=node_id(query_id, sq.index),
@@ -58,7 +86,7 @@ def add_query(
         Node(
             id=sink,
             kind=NodeKind.AGGREGATE,
-            template=text,
+            template=_literal(text),
             expert=aggregator_expert,
             inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries},
             est_prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
@@ -69,3 +97,61 @@ def add_query(
     query = Query(query_id, text, sink)
     graph.add_query(query)
     return query
+
+
+def _literal(text: str) -> str:
+    """Text never holds IR references of its own: a literal `{#x}` keeps only `#x` (still a `#k` reference)."""
+    return REFERENCE.sub(lambda m: m.group(1), text)
+
+
+def _check(graph: Graph, query_id: str, text: str, subqueries: list[RoutedSubQuery], limits: BuildLimits) -> None:
+    where = f"query {query_id!r}"
+    if not isinstance(query_id, str) or not query_id.strip():
+        raise BuildError(f"query id {query_id!r} must be a non-empty string")
+    if query_id in graph.queries or node_id(query_id, "agg") in graph.nodes:
+        raise BuildError(f"{where} is already in the graph; give every query its own id")
+    _check_text(f"{where}: the query text", text, limits)
+    if not subqueries:
+        raise BuildError(f"{where} has no sub-queries; answer it unsplit as sub-query 1")
+    if len(subqueries) > limits.max_subqueries:
+        raise BuildError(f"{where} has {len(subqueries)} sub-queries, over the cap of {limits.max_subqueries} "
+                         f"(decomposer.max_subqueries)")
+    indices = []
+    for sq in subqueries:
+        if not isinstance(sq, RoutedSubQuery):
+            raise BuildError(f"{where}: expected RoutedSubQuery items, got {type(sq).__name__}")
+        if isinstance(sq.index, bool) or not isinstance(sq.index, int) or sq.index < 1:
+            raise BuildError(f"{where}: sub-query index {sq.index!r} must be an integer >= 1")
+        indices.append(sq.index)
+    if len(set(indices)) != len(indices):
+        dupes = sorted({i for i in indices if indices.count(i) > 1})
+        raise BuildError(f"{where}: sub-query index(es) {dupes} used more than once; number them 1..n")
+    taken = [nid for nid in (node_id(query_id, i) for i in indices) if nid in graph.nodes]
+    if taken:
+        raise BuildError(f"{where}: node id(s) {taken[:3]} are already in the graph; give the query another id")
+    known = set(indices)
+    for sq in subqueries:
+        label = f"{where}, sub-query {sq.index}"
+        _check_text(label, sq.text, limits)
+        if not isinstance(sq.expert, str) or not sq.expert.strip():
+            raise BuildError(f"{label}: expert {sq.expert!r} must be a non-empty name")
+        if isinstance(sq.max_new_tokens, bool) or not isinstance(sq.max_new_tokens, int) or sq.max_new_tokens < 0:
+            raise BuildError(f"{label}: max_new_tokens {sq.max_new_tokens!r} must be an integer >= 0")
+        for dep in sq.depends_on:
+            if isinstance(dep, bool) or not isinstance(dep, int) or dep not in known:
+                raise BuildError(f"{label} depends on {dep!r}, which is not a sub-query of this query "
+                                 f"(known: {sorted(known)})")
+            if dep == sq.index:
+                raise BuildError(f"{label} depends on itself")
+    try:
+        TopologicalSorter({sq.index: tuple(sq.depends_on) for sq in subqueries}).prepare()
+    except _GraphlibCycle as exc:
+        raise CycleError([node_id(query_id, i) for i in reversed(exc.args[1])]) from None
+
+
+def _check_text(label: str, text: object, limits: BuildLimits) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise BuildError(f"{label} must be non-empty text, got {str(text)[:40]!r}")
+    if len(text) > limits.max_chars:
+        raise BuildError(f"{label} is {len(text):,} chars, over the cap of {limits.max_chars:,}; shorten it "
+                         f"(the decomposer cuts queries at decomposer.max_query_chars)")

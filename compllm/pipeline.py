@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
 from compiler import CompilerConfig, Plan, compile
-from compiler.build import RoutedSubQuery, add_query
+from compiler.build import BuildLimits, RoutedSubQuery, add_query
 from compiler.ir import Graph
 from compiler.verify import GraphError, verify
 from compllm.backends.pool import ModelPool
@@ -76,13 +76,15 @@ class Pipeline:
         with self._stage("build_graph"):
             graph = Graph()
             known = [*self.experts, AGGREGATOR]
+            caps = self.decomposer  # the builder enforces the decomposer's caps again, for any caller
+            limits = BuildLimits(caps.max_subqueries, max(caps.max_chars, caps.max_query_chars))
             for i, (d, rs) in enumerate(zip(decompositions, routes)):
                 subqueries = [
                     RoutedSubQuery(sq.index, sq.text, sq.depends_on, r.expert, sq.answer_type, r.score, r.routed_by,
                                    self.experts[r.expert].max_new_tokens)
                     for sq, r in zip(d.subqueries, rs)
                 ]
-                add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens)
+                add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens, limits)
             verify(graph, known_experts=known)
             return graph
 

@@ -58,8 +58,52 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def compose_problem(overrides: list[str]) -> str | None:
+    """Compose the config the way the app will, and return Hydra's complaint as one line (None if it composes).
+
+    Hydra prints composition errors over several lines and exits 1; a bad override is a usage error like any
+    other, so it gets compllm's one-line message and exit status 2. Flags (-m, --help, --cfg) go to Hydra as is.
+    """
+    if any(arg.startswith("-") for arg in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        return one_line(exc)
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line message (and its cause's first line) on one line, without the config search path."""
+    text = str(exc).split("Config search path:")[0]
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    if cause and cause[0] not in text:
+        text += "\n" + cause[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out, listing = (lines[0] if lines else type(exc).__name__), False
+    for line in lines[1:]:
+        if out.endswith(":"):
+            out, listing = f"{out} {line}", True  # the first item under a header such as "Available options:"
+        elif listing and not line.endswith(":"):
+            out += f", {line}"
+        else:
+            out, listing = f"{out.rstrip('.')}; {line}", False
+    return out
+
+
 def main() -> None:
+    problem = compose_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"compllm: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
+
+
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class ModelPool:
         self.specs = {alias: dict(spec) for alias, spec in models.items()}
         self.cache_dir = cache_dir
         self._loaded: dict[tuple, Backend] = {}
+        self._faulty: dict[str, Backend] = {}  # alias -> fault-injection wrapper (models.<alias>.fault_injection)
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -38,7 +39,20 @@ class ModelPool:
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = self._load(alias)
-            return self._loaded[key]
+            return self._with_faults(alias, self._loaded[key])
+
+    def _with_faults(self, alias: str, backend: Backend) -> Backend:
+        """Per alias, not per weights: aliases sharing one copy can be chaos-tested independently."""
+        faults = self.spec(alias).get("fault_injection") or {}
+        if not faults.get("enabled"):
+            return backend
+        from compllm.backends.faulty import FaultSettings, FaultyModel
+
+        wrapper = self._faulty.get(alias)
+        if wrapper is None:
+            wrapper = self._faulty[alias] = FaultyModel(backend, FaultSettings(**faults))
+        wrapper.inner = backend  # after an evict + reload, the same seeded wrapper goes on
+        return wrapper
 
     def evict(self, alias: str) -> None:
         """Drop this alias's weights (and every alias sharing them) so their memory can be reused."""

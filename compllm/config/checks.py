@@ -1,10 +1,21 @@
-"""Cross-group checks Hydra's schemas cannot express, run right after composing and before any model loads."""
+"""Cross-group checks Hydra's schemas cannot express, run right after composing and before any model loads.
+
+Every problem is one line that says what is wrong and how to fix it; all problems are reported at once.
+"""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from compllm.backends.faulty import FaultSettings
 from compllm.backends.hf import DECODE_MATMULS, DTYPES
+from compllm.config.models import source_problems, weight_bytes_lower_bound
 from compllm.runtime.context import AGGREGATOR
+
+BACKENDS = ("hf",)
 
 
 class ConfigError(ValueError):
@@ -23,6 +34,11 @@ def check_config(cfg: Any) -> None:
             problems.append(f"models.{alias}.device={spec.device!r}: use auto, cpu, cuda or cuda:N")
         if spec.decode_matmul not in DECODE_MATMULS:
             problems.append(f"models.{alias}.decode_matmul={spec.decode_matmul!r}: use one of {', '.join(DECODE_MATMULS)}")
+        if spec.backend not in BACKENDS:
+            problems.append(f"models.{alias}.backend={spec.backend!r}: use one of {', '.join(BACKENDS)}")
+        faults = spec.get("fault_injection")
+        if faults is not None:
+            problems += [f"models.{alias}.fault_injection.{p}" for p in FaultSettings(**faults).problems()]
 
     def need_model(where: str, alias: str) -> None:
         if alias not in models:
@@ -41,5 +57,73 @@ def check_config(cfg: Any) -> None:
         problems.append(
             f"router.fallback_expert={fallback!r} is not an expert; configured experts: {', '.join(cfg.experts)}"
         )
+    problems += _limit_problems(cfg) + _path_problems(cfg)
+    if not problems:  # weights are only looked for once the config itself is sound
+        problems += _weights_problems(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _limit_problems(cfg: Any) -> list[str]:
+    """Caps that bound prompts and graphs, and the retry policy: each must be usable."""
+    problems = []
+    for key in ("decomposer.max_subqueries", "decomposer.max_chars", "decomposer.max_query_chars",
+                "decomposer.max_new_tokens", "aggregator.max_answer_chars", "aggregator.max_new_tokens",
+                "max_answer_chars", "retry.max_attempts"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            problems.append(f"{key}={value!r} must be at least 1")
+    retry = cfg.get("retry")
+    if retry is not None:
+        if retry.backoff_s < 0:
+            problems.append(f"retry.backoff_s={retry.backoff_s!r} must be >= 0 seconds")
+        if retry.timeout_s is not None and retry.timeout_s <= 0:
+            problems.append(f"retry.timeout_s={retry.timeout_s!r} must be > 0 seconds, or null for no limit")
+    return problems
+
+
+def _path_problems(cfg: Any) -> list[str]:
+    """Paths from the config, resolved, so the message shows exactly which file or directory is meant."""
+    problems = []
+    if cfg.get("queries_file"):
+        path = Path(str(cfg.queries_file)).expanduser().resolve()
+        if not path.is_file():
+            problems.append(f"queries_file={str(path)!r} is not a file; give a text file with one query per line")
+    if cfg.get("cache_dir"):
+        path = Path(str(cfg.cache_dir)).expanduser().resolve()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if path.exists() and not path.is_dir():
+            problems.append(f"cache_dir={str(path)!r} is a file, not a directory; point it at a directory")
+        elif existing is not None and not existing.is_dir():
+            problems.append(f"cache_dir={str(path)!r} cannot be created: {str(existing)!r} is a file")
+    return problems
+
+
+def _used_models(cfg: Any) -> list[str]:
+    return list(dict.fromkeys([cfg.decomposer.model, cfg.aggregator.model, *(e.model for e in cfg.experts.values())]))
+
+
+def _weights_problems(cfg: Any) -> list[str]:
+    """Can every used model's weights be found, and does each fit the memory budget on its own?"""
+    problems = []
+    budget = OmegaConf.select(cfg, "compiler.memory_budget")
+    for alias in _used_models(cfg):
+        try:
+            spec = OmegaConf.to_container(cfg.models[alias], resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as exc:
+            node = cfg.models[alias]
+            missing = [f"source.{k}" for k in node.source if OmegaConf.is_missing(node.source, k)]
+            what = f"models.{alias}.{missing[0]} is not set" if missing else f"models.{alias}: {exc}"
+            problems.append(f"{what}; set it on the command line, e.g. models.{alias}.source.path=/path/to/model")
+            continue
+        problems += source_problems(alias, spec, cfg.get("cache_dir"))
+        bound = weight_bytes_lower_bound(spec, cfg.get("cache_dir")) if budget is not None else None
+        if bound is not None and bound[0] > budget:
+            need, how = bound
+            problems.append(
+                f"compiler.memory_budget={budget:,} bytes ({budget / 2**30:.2f} GiB) cannot hold models.{alias} "
+                f"({spec.get('name')}): its weights alone take at least {need:,} bytes ({how}); raise it, e.g. "
+                f"compiler.memory_budget=${{gib:{-(-need // 2**30)}}}, or pick a smaller model")
+    return problems

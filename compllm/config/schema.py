@@ -15,6 +15,19 @@ from compiler.config import CompilerConfig
 
 
 @dataclass
+class FaultInjectionConfig:
+    """Chaos testing (compllm/backends/faulty.py): off by default; rates in [0, 1], per call / per request."""
+
+    enabled: bool = False
+    seed: int = 0
+    error_rate: float = 0.0  # per call: raise a BackendError
+    oom_rate: float = 0.0  # per call: raise a MemoryError like a device out of memory
+    hang_rate: float = 0.0  # per call: stall hang_s seconds (past retry.timeout_s) before answering
+    empty_rate: float = 0.0  # per request: return empty text (a failed attempt; retried)
+    hang_s: float = 30.0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # display name, e.g. the HF model name
     source: Any = MISSING  # a `_target_` source: compllm.models.HFSource / GGUFSource / EmbeddedSource
@@ -22,6 +35,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 where the hardware has it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     decode_matmul: str = "auto"  # auto: weight-major matmul for decode-sized inputs on CPU | torch: nn.Linear as is
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
 
 @dataclass

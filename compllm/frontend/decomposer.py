@@ -6,8 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from compllm.backends.base import Generation, GenerationRequest
+from compllm.backends.base import BackendError, Generation, GenerationRequest
+from compllm.backends.sanitize import neutralise
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
+
+# A failed decomposer call costs the split, not the query: every query then falls back to one sub-query.
+CALL_ERRORS = (BackendError, RuntimeError, ValueError, TimeoutError, MemoryError)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,11 @@ class Decomposition:
 
 
 class Decomposer:
-    """Prompts `model` with a few worked examples; any unusable output falls back to the whole query."""
+    """Prompts `model` with a few worked examples; any unusable output falls back to the whole query.
+
+    Caps bound everything that enters: a query longer than `max_query_chars` is cut (with a warning) before it
+    is prompted, compiled or aggregated; at most `max_subqueries` sub-queries of at most `max_chars` each.
+    """
 
     def __init__(self, model: str, system_prompt: str, examples: Sequence[Mapping[str, Any]] = (),
                  max_subqueries: int = 8, max_chars: int = 1000, max_new_tokens: int = 256,
@@ -37,31 +45,50 @@ class Decomposer:
         self.max_chars = max_chars
         self.max_new_tokens = max_new_tokens
         self.max_query_chars = max_query_chars
+        for name in ("max_subqueries", "max_chars", "max_new_tokens", "max_query_chars"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"decomposer.{name}={getattr(self, name)!r} must be at least 1")
+
+    def cap(self, query: str) -> tuple[str, tuple[str, ...]]:
+        """The query as the rest of the pipe sees it: at most max_query_chars, plus a warning when cut."""
+        if len(query) <= self.max_query_chars:
+            return query, ()
+        return query[: self.max_query_chars], (
+            f"query is {len(query)} chars; only the first {self.max_query_chars} are answered (decomposer.max_query_chars)",)
 
     def request(self, query: str) -> GenerationRequest:
         messages = [{"role": "system", "content": self.system_prompt}]
         for ex_query, ex_answer in self.examples:
             messages += [{"role": "user", "content": ex_query}, {"role": "assistant", "content": ex_answer}]
-        messages.append({"role": "user", "content": query[: self.max_query_chars]})
+        messages.append({"role": "user", "content": neutralise(query[: self.max_query_chars])})
         return GenerationRequest(tuple(messages), self.max_new_tokens)
 
     def decompose(self, backend, queries: Sequence[str]) -> list[Decomposition]:
         """One batched call for all queries, then parse each output (or fall back)."""
-        generations = backend.generate([self.request(q) for q in queries])
+        try:
+            generations = list(backend.generate([self.request(q) for q in queries]))
+            if len(generations) != len(queries):
+                raise BackendError(f"{len(generations)} generations for {len(queries)} queries")
+        except CALL_ERRORS as exc:
+            log.warning("decomposer call failed (%s: %s); answering every query unsplit", type(exc).__name__, exc)
+            return [self.single(q, reason=f"decomposer call failed: {type(exc).__name__}: {exc}") for q in queries]
         return [self.parse(q, g.text, g) for q, g in zip(queries, generations)]
 
     def parse(self, query: str, raw: str, generation: Generation | None = None) -> Decomposition:
+        capped, warnings = self.cap(query)
         try:
             parsed = parse_decomposition(raw, max_subqueries=self.max_subqueries, max_chars=self.max_chars)
         except DecompositionParseError as exc:
             log.warning("decomposer output unusable (%s); answering the query as a single sub-query", exc)
             return self.single(query, reason=str(exc), raw=raw, generation=generation)
-        return Decomposition(query, parsed.subqueries, False, "", parsed.warnings, raw, parsed.format, generation)
+        return Decomposition(capped, parsed.subqueries, False, "", warnings + parsed.warnings, raw, parsed.format,
+                             generation)
 
     def single(self, query: str, reason: str, raw: str = "", generation: Generation | None = None) -> Decomposition:
         """The documented fallback: the original query, unsplit, as sub-query #1."""
-        text = query[: self.max_chars]
-        return Decomposition(query, (SubQuery(1, text, ()),), True, reason, (), raw, "fallback", generation)
+        capped, warnings = self.cap(query)
+        text = capped[: self.max_chars]
+        return Decomposition(capped, (SubQuery(1, text, ()),), True, reason, warnings, raw, "fallback", generation)
 
 
 def _as_json(subqueries: Sequence[Mapping[str, Any]]) -> str:

@@ -9,7 +9,7 @@ from compiler.ir import Graph, Node, NodeKind
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.experts import Expert
-from compllm.runtime.faults import RetryPolicy, call_with_retry
+from compllm.runtime.faults import CallOutcome, RetryPolicy, generate_with_retry
 from compllm.runtime.prompts import Aggregator, fill, subquery_request
 from compllm.runtime.result import NodeResult
 
@@ -25,9 +25,22 @@ class ExecutionContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     t0: float = field(default_factory=time.perf_counter)
 
-    def generate(self, model: str, requests: list[GenerationRequest], what: str):
-        """One (batched) model call under the retry/timeout policy: (generations, attempts)."""
-        return call_with_retry(lambda: self.pool.get(model).generate(requests), self.retry, what)
+    def generate(self, model: str, requests: list[GenerationRequest], what: str) -> list[CallOutcome]:
+        """One (batched) model call under the retry/timeout policy: one outcome per request, never an exception
+        for a recoverable fault (errors, timeouts, out-of-memory, empty text)."""
+        return generate_with_retry(lambda batch: self.pool.get(model).generate(batch), requests, self.retry, what)
+
+    @staticmethod
+    def record(res: NodeResult, outcome: CallOutcome) -> None:
+        """Copy a call outcome into the node's result: its answer and token counts, or why it failed."""
+        res.attempts = outcome.attempts
+        gen = outcome.generation
+        if gen is None:
+            res.status, res.error = "failed", outcome.error
+            return
+        res.status, res.answer = "ok", gen.text
+        res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
+        res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
 
     def model_of(self, node: Node) -> str:
         return self.aggregator.model if node.kind is NodeKind.AGGREGATE else self.experts[node.expert].model

@@ -16,7 +16,6 @@ from compiler.ir import Graph, Node
 from compiler.passes.fuse import split_answer
 from compiler.plan import Plan, Step, StepKind
 from compllm.runtime.context import ExecutionContext
-from compllm.runtime.faults import RECOVERABLE
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
 
@@ -115,26 +114,15 @@ class _Run:
                     runnable.append((node, res))
             requests = [self.ctx.request(self.graph, node, self.results) for node, _ in runnable]
         if requests:
-            attempts = 0
-            try:
-                generations, attempts = self.ctx.generate(step.model, requests, step.id)
-            except RECOVERABLE as exc:
-                log.error("step %s failed: %s", step.id, exc)
-                attempts = self.ctx.retry.max_attempts
-                generations = None
-                error = f"{type(exc).__name__}: {exc}"
+            outcomes = self.ctx.generate(step.model, requests, step.id)
             with self.lock:
                 end = self.ctx.now()
-                for i, (node, res) in enumerate(runnable):
-                    res.prompt, res.end, res.attempts = requests[i].messages[-1]["content"], end, attempts
-                    if generations is None:
-                        res.status, res.error = "failed", error
-                        continue
-                    gen = generations[i]
-                    res.status, res.answer = "ok", gen.text
-                    res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
-                    res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
-                    if node.fused_from:
+                for (node, res), request, outcome in zip(runnable, requests, outcomes):
+                    res.prompt, res.end = request.messages[-1]["content"], end
+                    self.ctx.record(res, outcome)
+                    if not res.ok:
+                        log.error("node %s failed: %s", node.id, res.error)
+                    elif node.fused_from:
                         self._store_parts(node, res)
         if self.progress is not None:
             self.progress.update(len(step.nodes))

@@ -1,4 +1,11 @@
-"""Turn IR nodes into chat requests. Parent answers enter prompts delimited and length-capped."""
+"""Turn IR nodes into chat requests. Parent answers enter prompts delimited and length-capped.
+
+Every text that came from a model (answers, the decomposer's sub-questions) or a user (the query) is
+neutralised before it enters a prompt: chat-template control tokens lose their angle brackets (tokenizers
+would otherwise read `<|im_start|>system` in an answer as a real new turn), and answers are put on one line
+with their own « » turned into ‹ ›, so no answer can close its quote or start a line that looks like one
+of the prompt's own headers ("Question:", "Facts from ...").
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,20 +13,30 @@ from typing import Mapping, Sequence
 
 from compiler.ir import REFERENCE, Node
 from compllm.backends.base import GenerationRequest
+from compllm.backends.sanitize import neutralise, one_line
 from compllm.experts import Expert
+
+OPEN, CLOSE = "«", "»"
 
 
 def quote(answer: str, max_chars: int) -> str:
-    """Delimit an earlier model's answer so it reads as data, and cap it so it cannot crowd the prompt."""
-    answer = " ".join(answer.split())
+    """Delimit an earlier model's answer so it reads as data, and cap it so it cannot crowd the prompt.
+
+    The answer's own « » become ‹ ›, so it cannot close its quote early; whitespace (line breaks included)
+    collapses to single spaces, so it cannot start a fake "Question:" line; control tokens are neutralised.
+    """
+    max_chars = max(int(max_chars), 1)
+    answer = " ".join(neutralise(answer).replace(OPEN, "‹").replace(CLOSE, "›").split())
     if len(answer) > max_chars:
         answer = answer[: max_chars - 1].rstrip() + "…"
     return f"«{answer}»"
 
 
 def fill(node: Node, answers: Mapping[str, str], max_answer_chars: int) -> str:
-    """The node's template with each `{#k}` replaced by its parent's quoted answer."""
-    return REFERENCE.sub(lambda m: quote(answers.get(node.inputs[m.group(1)], ""), max_answer_chars), node.template)
+    """The node's template (neutralised, on one line) with each `{#k}` replaced by its parent's quoted answer."""
+    parts = REFERENCE.split(node.template)  # even positions: text; odd positions: reference labels
+    return "".join(quote(answers.get(node.inputs[part], ""), max_answer_chars) if i % 2 else one_line(part)
+                   for i, part in enumerate(parts))
 
 
 def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max_answer_chars: int = 400) -> GenerationRequest:
@@ -51,6 +68,7 @@ class Aggregator:
         # Measured on Qwen2.5-Coder-0.5B: question, numbered facts, then "write N sentences, one per part"
         # covers every part; free-form "answer using these facts" rambled on the first part and dropped the rest.
         facts = "\n".join(f"- {question} {quote(answer, self.max_answer_chars)}" for _, question, answer in parts)
+        query = one_line(query)
         user = (f"Question: {query}\n\nFacts from experts ({len(parts)} parts):\n{facts}\n\n"
                 f"Write {len(parts)} sentences, one per part.")
         return GenerationRequest(

@@ -5,7 +5,6 @@ import logging
 
 from compiler.ir import Graph
 from compllm.runtime.context import ExecutionContext
-from compllm.runtime.faults import RECOVERABLE
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
 
@@ -36,17 +35,10 @@ class SequentialExecutor:
             else:
                 request = ctx.request(graph, node, results)
                 res.prompt = request.messages[-1]["content"]
-                try:
-                    gens, res.attempts = ctx.generate(res.model, [request], node_id)
-                    gen = gens[0]
-                except RECOVERABLE as exc:
-                    log.error("node %s failed: %s", node_id, exc)
-                    res.status, res.error = "failed", f"{type(exc).__name__}: {exc}"
-                    res.attempts = ctx.retry.max_attempts
-                else:
-                    res.status, res.answer = "ok", gen.text
-                    res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
-                    res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
+                (outcome,) = ctx.generate(res.model, [request], node_id)
+                ctx.record(res, outcome)
+                if not res.ok:
+                    log.error("node %s failed: %s", node_id, res.error)
             res.end = ctx.now()
             if res.prompt:
                 self.step_records.append(StepRecord(f"call:{node_id}", "generate", res.model, 0, res.start, res.end,
