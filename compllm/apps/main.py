@@ -73,7 +73,7 @@ def compose_problem(overrides: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
         return one_line(exc)
     return None
 

@@ -21,9 +21,11 @@ _LINE_BREAKS = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")  # everything
 
 def neutralise(text: str) -> str:
     """Chat-template control tokens as harmless look-alikes: `<|im_start|>` -> `‹im_start›`, `</s>` -> `‹/s›`."""
-    return _CONTROL.sub(lambda m: f"‹{_BRACKETS.sub('', m.group(0)).strip()}›", text)
+    text = _CONTROL.sub(lambda m: f"‹{_BRACKETS.sub('', m.group(0)).strip()}›", text)
+    # A nested "<|<||>|>" leaves "<|‹›|>" behind: no "<|" may remain to open a token-like span at all.
+    return text.replace("<|", "‹|").replace("<\uff5c", "‹\uff5c")
 
 
 def one_line(text: str) -> str:
     """Neutralised and without line breaks, so inserted text cannot start a line of the prompt's own."""
-    return _LINE_BREAKS.sub(" ", neutralise(text))
+    return neutralise(_LINE_BREAKS.sub(" ", text))  # breaks first, so "<|\n|>" cannot become "<| |>" afterwards

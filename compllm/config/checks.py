@@ -23,7 +23,23 @@ class ConfigError(ValueError):
 
 
 def check_config(cfg: Any) -> None:
+    """Raise ConfigError (only) listing every problem; a value that cannot even be read is one too."""
+    try:
+        _check(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "a value"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"invalid config: {key} cannot be read ({first}); set it on the command line") from None
+
+
+def _check(cfg: Any) -> None:
     problems: list[str] = []
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException:  # an interpolation to a missing value (model=hf): named per model below
+        missing = []
+    problems += [f"{key} is not set (???); set it on the command line: {key}=..." for key in missing
+                 if not key.startswith("models.")]
     models = set(cfg.models)
     if not models:
         problems.append("no models configured: pick one with `model=qwen2.5-coder-0.5b` (or smollm2-135m, hf)")

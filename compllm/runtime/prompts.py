@@ -26,7 +26,7 @@ def quote(answer: str, max_chars: int) -> str:
     collapses to single spaces, so it cannot start a fake "Question:" line; control tokens are neutralised.
     """
     max_chars = max(int(max_chars), 1)
-    answer = " ".join(neutralise(answer).replace(OPEN, "‹").replace(CLOSE, "›").split())
+    answer = neutralise(" ".join(answer.split())).replace(OPEN, "‹").replace(CLOSE, "›")  # collapse first: "<|\n|>"
     if len(answer) > max_chars:
         answer = answer[: max_chars - 1].rstrip() + "…"
     return f"«{answer}»"
