@@ -75,6 +75,9 @@ def compose_problem(overrides: list[str]) -> str | None:
             compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
         return one_line(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. Hydra's internal AssertionError on `model='${gib:1}'`
+        detail = f": {one_line(exc)}" if str(exc).strip() else ""
+        return f"cannot compose the config from {' '.join(overrides)} ({type(exc).__name__}{detail}); check the values"
     return None
 
 
