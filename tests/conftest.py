@@ -25,3 +25,9 @@ def compose():
             return hydra_compose("config", overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One model cache for the session: the GGUF -> bf16 conversion is paid once."""
+    return os.environ.get("COMPLLM_CACHE") or str(tmp_path_factory.mktemp("cache"))

@@ -13,13 +13,6 @@ pytestmark = pytest.mark.slow
 QUERY = "Which vitamin deficiency causes scurvy? And what is 15% of 240?"
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    """One model cache for the session: the GGUF -> bf16 conversion is paid once."""
-    path = os.environ.get("COMPLLM_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    return path
-
-
 def check_result(payload: dict) -> None:
     (q,) = payload["queries"]
     assert q["query"] == QUERY

@@ -20,8 +20,9 @@ register()
 
 def _tasks() -> dict:
     from compllm.apps import calibrate, explain, query
+    from compllm.bench import runner
 
-    return {"query": query.run, "explain": explain.run, "calibrate": calibrate.run}
+    return {"query": query.run, "explain": explain.run, "calibrate": calibrate.run, "bench": runner.run}
 
 
 def quiet_libraries() -> None:
@@ -105,8 +106,6 @@ def main() -> None:
         print(f"compllm: error: {problem}", file=sys.stderr)
         sys.exit(2)
     _hydra_main()
-
-
 
 
 if __name__ == "__main__":

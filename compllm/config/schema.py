@@ -64,6 +64,7 @@ class DecomposerConfig:
     max_chars: int = 1000
     max_new_tokens: int = 256
     max_query_chars: int = 4000
+    split_enumerated: bool = True  # numbered questions are split at their numbers, no model call
 
 
 @dataclass
@@ -84,6 +85,7 @@ class AggregatorConfig:
     max_new_tokens: int = 160
     max_answer_chars: int = 600
     skip_single: bool = True
+    list_enumerated: bool = True  # numbered questions (decomposer.split_enumerated) get a numbered list of answers
     stop: List[str] = field(default_factory=list)
 
 
@@ -109,6 +111,8 @@ class TaskConfig:
     prompt_tokens: int = 256  # calibrate only
     new_tokens: int = 32  # calibrate only
     repeats: int = 3  # calibrate only
+    limit: Optional[int] = None  # bench only: the first N items
+    chunk_size: int = 8  # bench only: items compiled and run together
 
 
 @dataclass
@@ -122,6 +126,9 @@ class CompllmConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    benchmark: Optional[Dict[str, Any]] = None  # task=bench: {name, loader: a `_target_` returning BenchItems}
+    system: Optional[Dict[str, Any]] = None  # task=bench: a `_target_` system (compllm/bench/systems.py)
+    experiment_name: Optional[str] = None  # set by conf/experiment/*: names the sweep dir
     query: Optional[str] = None  # one query, or
     queries_file: Optional[str] = None  # a text file with one query per line
     cache_dir: Optional[str] = None  # model cache; default $COMPLLM_CACHE or $XDG_CACHE_HOME/compllm

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
+from compllm.frontend.enumerated import split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
 
 # A failed decomposer call costs the split, not the query: every query then falls back to one sub-query.
@@ -37,8 +38,9 @@ class Decomposer:
 
     def __init__(self, model: str, system_prompt: str, examples: Sequence[Mapping[str, Any]] = (),
                  max_subqueries: int = 8, max_chars: int = 1000, max_new_tokens: int = 256,
-                 max_query_chars: int = 4000):
+                 max_query_chars: int = 4000, split_enumerated: bool = True):
         self.model = model
+        self.split_enumerated = split_enumerated
         self.system_prompt = system_prompt
         self.examples = [(ex["query"], _as_json(ex["subqueries"])) for ex in examples]
         self.max_subqueries = max_subqueries
@@ -63,8 +65,30 @@ class Decomposer:
         messages.append({"role": "user", "content": neutralise(query[: self.max_query_chars])})
         return GenerationRequest(tuple(messages), self.max_new_tokens)
 
+    def enumerated(self, query: str) -> Decomposition | None:
+        """The query's own numbered questions as independent sub-queries, or None for a free-form query."""
+        if not self.split_enumerated:
+            return None
+        capped, warnings = self.cap(query)
+        parts = split_enumerated(capped)
+        if parts is None:
+            return None
+        if len(parts) > self.max_subqueries:
+            warnings += (f"{len(parts)} numbered questions; only the first {self.max_subqueries} are answered "
+                         "(decomposer.max_subqueries)",)
+        subqueries = tuple(SubQuery(i, text[: self.max_chars], ()) for i, text in
+                           enumerate(parts[: self.max_subqueries], 1))
+        return Decomposition(capped, subqueries, False, "", warnings, "", "enumerated")
+
     def decompose(self, backend, queries: Sequence[str]) -> list[Decomposition]:
-        """One batched call for all queries, then parse each output (or fall back)."""
+        """Numbered queries split at their numbers; one batched model call for the rest, each output parsed
+        (or the query falls back to itself)."""
+        done = {i: d for i, q in enumerate(queries) if (d := self.enumerated(q)) is not None}
+        rest = [q for i, q in enumerate(queries) if i not in done]
+        parsed = iter(self._decompose_with_model(backend, rest) if rest else ())
+        return [done[i] if i in done else next(parsed) for i in range(len(queries))]
+
+    def _decompose_with_model(self, backend, queries: Sequence[str]) -> list[Decomposition]:
         try:
             generations = list(backend.generate([self.request(q) for q in queries]))
             if len(generations) != len(queries):

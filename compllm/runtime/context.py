@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from compiler.ir import Graph, Node, NodeKind
+from compiler.ir import AnswerType, Graph, Node, NodeKind
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.experts import Expert
@@ -57,11 +57,21 @@ class ExecutionContext:
                 parent, res = graph.nodes[parent_id], results.get(parent_id)
                 answer = res.answer if res and res.ok else f"(no answer: {res.error if res else 'not run'})"
                 parts.append((label.lstrip("#"), fill(parent, answers, self.max_answer_chars), answer))
-            return self.aggregator.request(node.template, parts)
+            chained = any(graph.nodes[p].inputs for p in node.parents)
+            return self.aggregator.request(node.template, parts, chained)
         return subquery_request(node, self.experts[node.expert], answers, self.max_answer_chars)
 
     def passthrough(self, node: Node, results: Mapping[str, NodeResult]) -> str | None:
-        """For an aggregate over a single successful sub-query with skip_single: its answer, no model call."""
+        """An aggregate answered without a model call: a LIST aggregate (the query numbered its questions) is its
+        answers as numbered lines; with skip_single, an aggregate over one successful sub-query is its answer."""
+        if node.kind is NodeKind.AGGREGATE and node.answer_type is AnswerType.LIST:
+            lines = []
+            for label, parent in node.inputs.items():
+                res = results.get(parent)
+                body = " ".join(res.answer.split()) if res and res.ok else \
+                    f"(no answer: {res.error or res.status if res else 'not run'})"
+                lines.append(f"Question {label.lstrip('#')}: {body}")
+            return "\n".join(lines)
         if node.kind is NodeKind.AGGREGATE and self.aggregator.skip_single and len(node.inputs) == 1:
             only = results.get(next(iter(node.inputs.values())))
             if only is not None and only.ok:

@@ -1,0 +1,64 @@
+"""task=bench: answer a benchmark's items with one system, chunk by chunk, appending each answer to
+`results.jsonl` in the run dir the moment its chunk finishes; rerunning the same command resumes."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from compllm.apps.build import build_pipeline
+from compllm.bench.items import BenchItem
+from compllm.bench.scoring import summarize
+from compllm.bench.store import ResultsStore
+
+log = logging.getLogger(__name__)
+NOT_RESULT_SHAPING = ("task", "show_progress", "cache_dir", "query", "queries_file", "hydra")
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """Every setting that can change an answer or a timing; the item limit and chunking are not among them."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in full.items() if k not in NOT_RESULT_SHAPING}
+
+
+def load_items(cfg: DictConfig) -> list[BenchItem]:
+    items = list(instantiate(cfg.benchmark.loader))
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"benchmark {cfg.benchmark.name!r} has duplicate item ids")
+    return items[: cfg.task.limit] if cfg.task.limit is not None else items
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    items = load_items(cfg)
+    store = ResultsStore(out_dir / "results.jsonl", fingerprint(cfg))
+    todo = [it for it in items if it.id not in store]
+    system = instantiate(cfg.system)
+    log.info("benchmark %s, system %s: %d items, %d already in %s", cfg.benchmark.name, system.name, len(items),
+             len(items) - len(todo), store.path)
+    if todo:
+        pipeline = build_pipeline(cfg)
+        chunk = max(1, int(cfg.task.chunk_size))
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{cfg.benchmark.name}/{system.name}",
+                  unit="item", file=sys.stderr, disable=not cfg.show_progress) as bar:
+            for start in range(0, len(todo), chunk):
+                batch = todo[start: start + chunk]
+                answers = system.answer(pipeline, [it.query for it in batch])
+                for item, answer in zip(batch, answers):
+                    store.append({**item.to_dict(), "system": system.name, "answer": answer.to_dict()})
+                bar.update(len(batch))
+    wanted = {it.id for it in items}
+    summary = {"benchmark": cfg.benchmark.name, "system": system.name,
+               "models": {a: m["name"] for a, m in OmegaConf.to_container(cfg.models, resolve=True).items()},
+               "policy": cfg.policy.name, "results": str(store.path),
+               "metrics": summarize(r for r in store if r["id"] in wanted)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(json.dumps(summary["metrics"], indent=2))
+    return summary

@@ -1,0 +1,102 @@
+"""The systems a benchmark compares, each a Hydra `system:` config. All answer the same query text on the same
+loaded models; they differ only in how the query reaches a model:
+
+- `Composed`: full compllm (decompose, route, compile, execute under `policy`, aggregate); with
+  `drop_dependencies=true` it is the `no_deps` baseline (each sub-query answered on its own).
+- `RouteOnly`: the whole query to the single most similar expert (composition of experts without decomposition).
+- `Monolithic`: the whole query to one model with a plain assistant prompt, no experts.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+from compllm.backends.base import GenerationRequest
+from compllm.frontend.decomposer import Decomposition
+from compllm.frontend.parse import SubQuery
+from compllm.pipeline import Pipeline
+
+
+@dataclass
+class SystemAnswer:
+    """One query's outcome, in the shape the results file stores."""
+
+    final_answer: str
+    latency_s: float  # wall seconds from the chunk's start to this query's final answer, frontend included
+    partial: bool = False
+    error: str = ""
+    subqueries: list[dict[str, Any]] = field(default_factory=list)  # text, depends_on, expert, answer, status
+    decomposition: dict[str, Any] = field(default_factory=dict)  # fallback, format, reason
+    model_calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Composed:
+    def __init__(self, name: str, drop_dependencies: bool = False):
+        self.name, self.drop_dependencies = name, drop_dependencies
+
+    def decompositions(self, pipeline: Pipeline, queries: Sequence[str]) -> list[Decomposition]:
+        decompositions = pipeline.decompose(queries)
+        return [drop_dependencies(d) for d in decompositions] if self.drop_dependencies else decompositions
+
+    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> list[SystemAnswer]:
+        start = time.perf_counter()
+        decompositions = self.decompositions(pipeline, queries)
+        frontend_s = time.perf_counter() - start
+        result, _ = pipeline.run(queries, decompositions=decompositions)
+        frontend_s += sum(result.timings.get(k, 0.0) for k in ("route", "build_graph", "compile"))
+        out = []
+        for q in result.queries:
+            nodes = {n.node_id: n for n in q.nodes}
+            subs = []
+            for sq in q.decomposition["subqueries"]:
+                node = nodes.get(f"{q.id}:{sq['index']}")
+                subs.append({"text": sq["text"], "depends_on": list(sq["depends_on"]), "expert": sq["expert"],
+                             "route_score": sq["route_score"], "answer": node.answer if node else "",
+                             "status": node.status if node else "missing"})
+            errors = [f"{n.node_id}: {n.error}" for n in q.nodes if n.status == "failed"]
+            out.append(SystemAnswer(
+                q.final_answer, frontend_s + q.latency, q.partial, "; ".join(errors), subs,
+                {k: q.decomposition[k] for k in ("fallback", "format", "reason")},
+                sum(n.attempts for n in q.nodes)))
+        return out
+
+
+class RouteOnly(Composed):
+    """Each query is one sub-query; the router alone picks who answers it."""
+
+    def decompositions(self, pipeline: Pipeline, queries: Sequence[str]) -> list[Decomposition]:
+        return [Decomposition(q, (SubQuery(1, q, ()),), False, format="route_only") for q in queries]
+
+
+class Monolithic:
+    def __init__(self, name: str, system_prompt: str, max_new_tokens: int = 256, model: str = "default"):
+        self.name, self.system_prompt, self.max_new_tokens, self.model = name, system_prompt, max_new_tokens, model
+
+    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> list[SystemAnswer]:
+        start = time.perf_counter()
+        requests = [GenerationRequest(({"role": "system", "content": self.system_prompt},
+                                       {"role": "user", "content": q}), self.max_new_tokens) for q in queries]
+        generations = pipeline.pool.get(self.model).generate(requests)
+        wall = time.perf_counter() - start  # one batched call: every query's answer arrives at its end
+        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations]
+
+
+_REF = re.compile(r"#(\d+)\b")
+
+
+def drop_dependencies(d: Decomposition) -> Decomposition:
+    """The `no_deps` ablation: every sub-query runs on its own. A `#k` reference becomes the text of sub-query k
+    (in brackets), so the question stays readable but gets no earlier answer."""
+    texts = {sq.index: sq.text for sq in d.subqueries}
+
+    def inline(sq: SubQuery) -> SubQuery:
+        text = _REF.sub(lambda m: f"[{texts[int(m.group(1))]}]" if int(m.group(1)) in sq.depends_on else m.group(0),
+                        sq.text)
+        return SubQuery(sq.index, text, (), sq.answer_type)
+
+    return replace(d, subqueries=tuple(inline(sq) for sq in d.subqueries))
