@@ -144,3 +144,37 @@ def test_list_aggregate_answers_numbered_lines_without_a_model():
     results = {"q0:1": NodeResult("q0:1", "q0", "subquery", "law", "m", answer="B\n(the rule)", status="ok"),
                "q0:2": NodeResult("q0:2", "q0", "subquery", "medicine", "m", status="failed", error="boom")}
     assert ctx.passthrough(sink, results) == "Question 1: B (the rule)\nQuestion 2: (no answer: boom)"
+
+
+@pytest.mark.parametrize("text, letters", [
+    ("Which? Options: (A) x (B) y (C) z (D) w.", ("A", "B", "C", "D")),
+    ("Pick (A) one or (B) two", ("A", "B")),
+    ("Vitamin (C) only", ()),
+    ("(B) then (A)", ()),
+    ("no options", ()),
+])
+def test_option_letters(text, letters):
+    from compiler.choices import option_letters
+
+    assert option_letters(text) == letters
+
+
+def test_numbered_multiple_choice_parts_become_choice_nodes(compose):
+    from hydra.utils import instantiate
+
+    from compllm.experts import Expert
+    from compllm.runtime.prompts import subquery_request
+
+    decomposer = instantiate(compose().decomposer, _convert_="all")
+    (d,) = decomposer.decompose(None, ["Question 1: Which? Options: (A) x (B) y. Question 2: Why is the sky blue?"])
+    assert [s.answer_type for s in d.subqueries] == ["choice", "text"]
+    graph = Graph()
+    subs = [RoutedSubQuery(s.index, s.text, (), "general", s.answer_type, max_new_tokens=1 if s.answer_type == "choice" else 50)
+            for s in d.subqueries]
+    add_query(graph, "q0", d.query, subs, AGGREGATOR, 64)
+    expert = Expert("general", "d", "default", "sys", (), 50)
+    choice, text = (subquery_request(graph.nodes[f"q0:{i}"], expert, {}) for i in (1, 2))
+    assert choice.choices == ("A", "B") and choice.max_new_tokens == 1
+    assert text.choices == () and text.max_new_tokens == 50
+    untyped = instantiate(compose("decomposer.detect_choices=false").decomposer, _convert_="all")
+    assert {s.answer_type for s in untyped.decompose(None, [d.query])[0].subqueries} == {"text"}

@@ -137,3 +137,26 @@ def test_hf_decode_loop_matches_transformers_generate(compose, model_cache):
     assert [g.text for g in batched] == expected == [model.generate([r])[0].text for r in requests]
     assert [g.output_tokens <= r.max_new_tokens for g, r in zip(batched, requests)] == [True] * 3
     assert batched[2].finish_reason == "stop"
+
+
+def test_hf_choice_requests_pick_the_most_likely_option(compose, model_cache):
+    """A `choice` request costs one prefill: the option letter with the highest first-token logit, batched
+    alongside free generation without changing it."""
+    import torch
+
+    from compllm.backends.base import GenerationRequest
+    from compllm.backends.pool import ModelPool
+
+    cfg = compose("model=smollm2-135m", f"cache_dir={model_cache}")
+    model = ModelPool(cfg.models, cache_dir=model_cache).get("default")
+    question = "Which organ makes insulin? Options: (A) liver (B) pancreas (C) heart (D) lung."
+    choice = GenerationRequest(({"role": "user", "content": question},), 1, (), ("A", "B", "C", "D"))
+    free = GenerationRequest(({"role": "user", "content": "What is 2+2?"},), 12)
+    enc = model.tokenizer([model.render(choice)], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        logits = model.model(**enc).logits[0, -1]
+    ids = [model.tokenizer.encode(c, add_special_tokens=False)[0] for c in "ABCD"]
+    expected = "ABCD"[int(logits[ids].argmax())]
+    got_choice, got_free = model.generate([choice, free])
+    assert got_choice.text == expected and got_choice.output_tokens == 1
+    assert got_free.text == model.generate([free])[0].text

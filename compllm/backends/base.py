@@ -10,6 +10,9 @@ class GenerationRequest:
     messages: tuple[dict[str, str], ...]  # chat messages: {"role": ..., "content": ...}
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
+    # Non-empty: the answer is exactly one of these (option letters); backends that can score tokens pick the
+    # most likely one at the first answer token instead of decoding (others may generate and ignore it).
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

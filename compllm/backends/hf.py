@@ -143,6 +143,11 @@ class HFModel:
             keep = []
             for j, row in enumerate(live):
                 token = int(chosen[j])
+                if requests[row].choices and not tokens[row]:  # a `choice` answer: best option, then done
+                    allowed = self._choice_token_ids(requests[row].choices)
+                    tokens[row].append(allowed[int(logits[j, -1, allowed].argmax())])
+                    finished[row] = True
+                    continue
                 if token in eos:
                     finished[row] = True
                     continue
@@ -174,6 +179,14 @@ class HFModel:
     def _cache_kwarg(self) -> str:
         """transformers 5.x names the forward's cache argument `cache`; 4.x `past_key_values`."""
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    @functools.lru_cache(maxsize=64)
+    def _choice_token_ids(self, choices: tuple[str, ...]) -> list[int]:
+        """The first token of each choice (option letters are one token in every tokenizer we ship)."""
+        ids = [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+        if len(set(ids)) != len(ids):
+            raise BackendError(f"choices {choices} do not start with distinct tokens")
+        return ids
 
     @functools.cached_property
     def _eos_ids(self) -> set[int]:

@@ -65,6 +65,7 @@ class DecomposerConfig:
     max_new_tokens: int = 256
     max_query_chars: int = 4000
     split_enumerated: bool = True  # numbered questions are split at their numbers, no model call
+    detect_choices: bool = True  # their questions with lettered options are typed `choice` (scored, not generated)
 
 
 @dataclass

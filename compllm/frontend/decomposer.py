@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
+from compiler.choices import option_letters
 from compllm.frontend.enumerated import split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
 
@@ -38,9 +39,10 @@ class Decomposer:
 
     def __init__(self, model: str, system_prompt: str, examples: Sequence[Mapping[str, Any]] = (),
                  max_subqueries: int = 8, max_chars: int = 1000, max_new_tokens: int = 256,
-                 max_query_chars: int = 4000, split_enumerated: bool = True):
+                 max_query_chars: int = 4000, split_enumerated: bool = True, detect_choices: bool = True):
         self.model = model
         self.split_enumerated = split_enumerated
+        self.detect_choices = detect_choices
         self.system_prompt = system_prompt
         self.examples = [(ex["query"], _as_json(ex["subqueries"])) for ex in examples]
         self.max_subqueries = max_subqueries
@@ -65,6 +67,10 @@ class Decomposer:
         messages.append({"role": "user", "content": neutralise(query[: self.max_query_chars])})
         return GenerationRequest(tuple(messages), self.max_new_tokens)
 
+    def answer_type(self, text: str) -> str:
+        """`choice` for a question that lists lettered options (when detect_choices), else `text`."""
+        return "choice" if self.detect_choices and option_letters(text) else "text"
+
     def enumerated(self, query: str) -> Decomposition | None:
         """The query's own numbered questions as independent sub-queries, or None for a free-form query."""
         if not self.split_enumerated:
@@ -76,7 +82,7 @@ class Decomposer:
         if len(parts) > self.max_subqueries:
             warnings += (f"{len(parts)} numbered questions; only the first {self.max_subqueries} are answered "
                          "(decomposer.max_subqueries)",)
-        subqueries = tuple(SubQuery(i, text[: self.max_chars], ()) for i, text in
+        subqueries = tuple(SubQuery(i, text[: self.max_chars], (), self.answer_type(text)) for i, text in
                            enumerate(parts[: self.max_subqueries], 1))
         return Decomposition(capped, subqueries, False, "", warnings, "", "enumerated")
 

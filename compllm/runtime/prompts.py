@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from compiler.ir import REFERENCE, Node
+from compiler.choices import option_letters
+from compiler.ir import REFERENCE, AnswerType, Node
 from compllm.backends.base import GenerationRequest
 from compllm.backends.sanitize import neutralise, one_line
 from compllm.experts import Expert
@@ -45,10 +46,12 @@ def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max
         f"{label}: {quote(answers.get(parent, ''), max_answer_chars)}" for label, parent in node.inputs.items()
     ]
     user = question if not context else "Facts from earlier steps:\n" + "\n".join(context) + "\n\nQuestion: " + question
+    choices = option_letters(question) if node.answer_type is AnswerType.CHOICE else ()
     return GenerationRequest(
         ({"role": "system", "content": expert.system_prompt}, {"role": "user", "content": user}),
-        expert.max_new_tokens,
+        1 if choices else expert.max_new_tokens,
         expert.stop,
+        choices,
     )
 
 

@@ -1,0 +1,254 @@
+"""Collect benchmark runs into markdown tables, plots and one JSON: the numbers the README quotes.
+
+    .venv/bin/python experiments/report.py [--runs experiments/results/runs] [--count-parameters]
+
+Every run dir (`<runs>/<experiment>/<job>/`) holds results.jsonl (raw answers) and .hydra/config.yaml; scores
+are recomputed here from the raw answers (compllm/bench/scoring.py), never read from run-time summaries.
+`--count-parameters` counts each configured model's parameters from its converted HF config on the meta
+device (no weights loaded) into model_parameters.json; later reports read that file.
+Writes <runs>/../report.md, report.json and report_*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from compllm.bench.scoring import score, summarize  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+
+
+@dataclass
+class Run:
+    experiment: str
+    job: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def models(self) -> list[str]:
+        """Distinct model names the run used (experts sharing one model count once)."""
+        return sorted({m["name"] for m in self.config["models"].values()}) if self.config["system"]["_target_"].endswith(
+            "Composed") or self.config["system"]["_target_"].endswith("RouteOnly") else \
+            [self.config["models"][self.config["system"].get("model", "default")]["name"]]
+
+
+def load_runs(root: Path) -> list[Run]:
+    runs = []
+    for results in sorted(root.glob("*/*/results.jsonl")):
+        cfg_path = results.parent / ".hydra" / "config.yaml"
+        if not cfg_path.exists():
+            continue
+        lines = results.read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+        runs.append(Run(results.parent.parent.name, results.parent.name, yaml.safe_load(cfg_path.read_text()),
+                        records))
+    return runs
+
+
+def count_parameters(runs: list[Run], out: Path) -> dict[str, int]:
+    """Parameters per model name, from the converted HF config, instantiated on the meta device."""
+    import torch
+    from hydra.utils import instantiate
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    counts = json.loads(out.read_text()) if out.exists() else {}
+    for run in runs:
+        for spec in run.config["models"].values():
+            if spec["name"] in counts:
+                continue
+            resolved = instantiate(spec["source"]).materialize(None, "bfloat16")
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved.path))
+            counts[spec["name"]] = sum(p.numel() for p in model.parameters())
+    out.write_text(json.dumps(counts, indent=1, sort_keys=True))
+    return counts
+
+
+def fmt_ci(value: float, ci: tuple[float, float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def total_params(run: Run, params: dict[str, int]) -> int | None:
+    try:
+        return sum(params[m] for m in run.models)
+    except KeyError:
+        return None
+
+
+def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> tuple[str, dict]:
+    rows, data = [], {}
+    for run in runs:
+        s = summarize(run.records).get("meqa")
+        if not s:
+            continue
+        p = total_params(run, params)
+        data[run.job] = {**s, "models": run.models, "total_parameters": p}
+        rows.append((s["part_accuracy"], f"| {run.job} | {', '.join(run.models)} | "
+                     f"{p / 1e9:.2f}B | {s['n']} ({s['parts']} parts) | {fmt_ci(s['part_accuracy'], s['part_accuracy_ci95'])}"
+                     f" | {fmt_ci(s['all_correct'], s['all_correct_ci95'])} | {s['unparsed_parts']} | "
+                     f"{s['median_latency_s']:.1f} |" if p else ""))
+    if not rows:
+        return "", data
+    table = ("| system | model(s) | total parameters | items | per-part accuracy [95% CI] | all parts correct [95% CI] "
+             "| parts without a parsable letter | median latency s (chunk of 8) |\n|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(r for _, r in sorted(rows, reverse=True)))
+    stages = ["| system | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+    for job, s in data.items():
+        if s.get("stages"):
+            stages.append(f"| {job} | " + " | ".join(str(s["stages"].get(k, 0)) for k in STAGES) + " |")
+    # accuracy vs total parameters
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for job, s in data.items():
+        if s["total_parameters"]:
+            lo, hi = s["part_accuracy_ci95"]
+            composed = not job.startswith("monolithic")
+            ax.errorbar(s["total_parameters"] / 1e9, s["part_accuracy"],
+                        yerr=[[s["part_accuracy"] - lo], [hi - s["part_accuracy"]]],
+                        fmt="o" if composed else "s", color="tab:blue" if composed else "tab:gray", capsize=3)
+            ax.annotate(job, (s["total_parameters"] / 1e9, s["part_accuracy"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+    ax.axhline(0.25, ls=":", color="k", lw=0.8, label="chance (4 options)")
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters loaded (billions, log)")
+    ax.set_ylabel("meqa_p per-part accuracy")
+    ax.set_title("Accuracy vs size (95% bootstrap CIs; circles: compllm, squares: one model)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "report_accuracy_vs_size.png", dpi=120)
+    plt.close(fig)
+    return table + "\n\nWhere composed systems lost each part (counted per part):\n\n" + "\n".join(stages), data
+
+
+STAGES = ["correct", "split", "expert_wrong", "expert_wrong_misrouted", "aggregation"]
+
+
+def latency_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
+    by_job = {r.job: r for r in runs}
+    if "sequential" not in by_job:
+        return "", {}
+    base = by_job["sequential"]
+    base_answers = {r["id"]: r["answer"]["final_answer"] for r in base.records}
+    data, rows = {}, []
+    kinds = sorted({r["kind"] for r in base.records})
+    for job, run in by_job.items():
+        common = [r for r in run.records if r["id"] in base_answers]
+        lat = {k: statistics.median([r["answer"]["latency_s"] for r in common if r["kind"] == k] or [float("nan")])
+               for k in kinds}
+        lat["all"] = statistics.median(r["answer"]["latency_s"] for r in common)
+        agree = sum(r["answer"]["final_answer"] == base_answers[r["id"]] for r in common) / max(len(common), 1)
+        data[job] = {"n": len(common), "median_latency_s": lat, "answers_equal_sequential": agree}
+    for job, d in data.items():
+        speed = data["sequential"]["median_latency_s"]["all"] / d["median_latency_s"]["all"]
+        d["speedup_vs_sequential"] = speed
+        rows.append(f"| {job} | {d['n']} | " + " | ".join(f"{d['median_latency_s'][k]:.1f}" for k in kinds)
+                    + f" | {d['median_latency_s']['all']:.1f} | {speed:.2f}x | {d['answers_equal_sequential']:.0%} |")
+    head = ("| system | items | " + " | ".join(f"median latency s: {k}" for k in kinds)
+            + " | median latency s: all | speedup vs sequential | final answers = sequential |\n|---|---|"
+            + "---|" * (len(kinds) + 3))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(data)
+    for i, (job, d) in enumerate(data.items()):
+        xs = [j + i * width for j in range(len(kinds) + 1)]
+        ax.bar(xs, [d["median_latency_s"][k] for k in [*kinds, "all"]], width, label=job)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds) + 1)], [*kinds, "all"])
+    ax.set_ylabel("median per-query latency (s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "report_latency.png", dpi=120)
+    plt.close(fig)
+    return head + "\n" + "\n".join(rows), data
+
+
+def quality_section(runs: list[Run]) -> tuple[str, dict]:
+    """FanOutQA and StrategyQA metrics of every run that has them (meqa_all runs)."""
+    rows, data = [], {}
+    for run in runs:
+        s = summarize(run.records)
+        f, q = s.get("fanoutqa"), s.get("strategyqa")
+        if not (f or q):
+            continue
+        data[f"{run.experiment}/{run.job}"] = {"fanoutqa": f, "strategyqa": q}
+        dq = (f or {}).get("decomposition", {})
+        rows.append(f"| {run.experiment}/{run.job} | {f['n'] if f else 0} | "
+                    + (f"{fmt_ci(f['containment'], f['containment_ci95'])} | {f['f1']:.3f} | " if f else "- | - | ")
+                    + (f"{dq.get('n_pred', float('nan')):.1f} vs {dq.get('n_gold', float('nan')):.1f} | "
+                       f"{dq.get('node_recall', float('nan')):.2f} | {dq.get('edge_precision', float('nan')):.2f} / "
+                       f"{dq.get('edge_recall', float('nan')):.2f} | " if dq else "- | - | - | ")
+                    + (f"{q['n']} | {fmt_ci(q['correct'], q['correct_ci95'])} |" if q else "0 | - |"))
+    head = ("| run | FanOutQA items | answer containment [95% CI] | token F1 | sub-questions (pred vs gold) | "
+            "gold sub-questions matched | dependency edges P / R | StrategyQA items | StrategyQA accuracy [95% CI] |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    return (head + "\n" + "\n".join(rows)) if rows else "", data
+
+
+def ablation_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
+    parts, data = [], {}
+    for experiment in sorted({r.experiment for r in runs if r.experiment.startswith("ablation_")}):
+        rows = []
+        for run in (r for r in runs if r.experiment == experiment):
+            s = summarize(run.records)
+            meqa = s.get("meqa", {})
+            lat = statistics.median(r["answer"]["latency_s"] for r in run.records) if run.records else float("nan")
+            data.setdefault(experiment, {})[run.job] = {"n": len(run.records), "median_latency_s": lat,
+                                                         "part_accuracy": meqa.get("part_accuracy")}
+            acc = f"{meqa['part_accuracy']:.3f}" if meqa else "-"
+            rows.append(f"| {run.job} | {len(run.records)} | {acc} | {lat:.1f} |")
+        parts.append(f"**{experiment}**\n\n| setting | items | meqa_p per-part accuracy | median latency s |\n"
+                     "|---|---|---|---|\n" + "\n".join(rows))
+        d = data[experiment]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(range(len(d)), [v["median_latency_s"] for v in d.values()], color="tab:blue")
+        ax.set_xticks(range(len(d)), list(d), rotation=20, fontsize=7, ha="right")
+        ax.set_ylabel("median latency (s)")
+        ax.set_title(experiment, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"report_{experiment}.png", dpi=120)
+        plt.close(fig)
+    return "\n\n".join(parts), data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=str(RESULTS / "runs"))
+    ap.add_argument("--count-parameters", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.runs)
+    out_dir = root.parent
+    runs = load_runs(root)
+    if not runs:
+        sys.exit(f"no runs under {root}: run e.g. `compllm -m experiment=paper_accuracy` first")
+    params_file = out_dir / "model_parameters.json"
+    params = count_parameters(runs, params_file) if args.count_parameters else (
+        json.loads(params_file.read_text()) if params_file.exists() else {})
+    acc_md, acc = accuracy_section([r for r in runs if r.experiment == "paper_accuracy"], params, out_dir)
+    lat_md, lat = latency_section([r for r in runs if r.experiment == "paper_latency"], out_dir)
+    q_md, q = quality_section(runs)
+    ab_md, ab = ablation_section(runs, out_dir)
+    md = ["# compllm experiment report", "Generated by `.venv/bin/python experiments/report.py` from the raw answers "
+          "in experiments/results/runs/.",
+          "## Accuracy and size (meqa_p; `compllm -m experiment=paper_accuracy`, `experiment=paper_size`)", acc_md,
+          "![accuracy vs size](report_accuracy_vs_size.png)",
+          "## Latency (meqa_all; `compllm -m experiment=paper_latency`)", lat_md, "![latency](report_latency.png)",
+          "## FanOutQA and StrategyQA (meqa_all runs)", q_md, "## Ablations (`compllm -m experiment=ablation_*`)", ab_md]
+    (out_dir / "report.md").write_text("\n\n".join(x for x in md if x) + "\n", encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps({"accuracy": acc, "latency": lat, "quality": q, "ablations": ab,
+                                                     "parameters": params}, indent=1, default=str))
+    print((out_dir / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
