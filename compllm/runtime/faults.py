@@ -56,21 +56,6 @@ def _with_timeout(fn: Callable[[], T], timeout_s: float | None, what: str) -> T:
     return box["value"]
 
 
-def call_with_retry(fn: Callable[[], T], policy: RetryPolicy, what: str) -> tuple[T, int]:
-    """(result, attempts used); re-raises the last error when every attempt failed."""
-    for attempt in range(1, policy.max_attempts + 1):
-        try:
-            return _with_timeout(fn, policy.timeout_s, what), attempt
-        except RECOVERABLE as exc:
-            if attempt == policy.max_attempts:
-                raise
-            wait = policy.backoff_s * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc, attempt,
-                        policy.max_attempts - 1, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
 @dataclass(frozen=True)
 class CallOutcome:
     """What one request of a (batched) call ended with: a generation, or the error of its last attempt."""
