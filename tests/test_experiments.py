@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 COMPLLM = str(Path(sys.executable).with_name("compllm"))
+SHORT = ("decomposer.max_new_tokens=96", "aggregator.max_new_tokens=32")  # configs are under test, not answers
 
 
 def compllm(*args: str, cache: str, **kw) -> subprocess.CompletedProcess:
@@ -30,7 +31,7 @@ def records(path: Path) -> list[dict]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_config_runs(experiment, tmp_path, model_cache):
     # model= on the command line beats the systems' own model choice: every job runs on SmolLM2 here.
-    proc = compllm("-m", f"experiment={experiment}", "model=smollm2-135m", "task.limit=2",
+    proc = compllm("-m", f"experiment={experiment}", "model=smollm2-135m", "task.limit=2", *SHORT,
                    f"hydra.sweep.dir={tmp_path}", cache=model_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted(tmp_path.rglob("summary.json"))
@@ -43,7 +44,7 @@ def test_experiment_config_runs(experiment, tmp_path, model_cache):
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_cache):
     common = ["task=bench", "benchmark=meqa_all", "system=compiled", "model=smollm2-135m", "task.limit=6",
-              "task.chunk_size=1"]
+              "task.chunk_size=1", *SHORT]
     whole = compllm(*common, f"hydra.run.dir={tmp_path}/whole", cache=model_cache)
     assert whole.returncode == 0, whole.stderr[-3000:]
 

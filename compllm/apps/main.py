@@ -56,6 +56,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (UsageError, *KNOWN_ERRORS) as exc:
         # Expected, actionable failures: one clear message, no traceback.
         print(f"compllm: error: {exc}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            log.error("job failed: %s", exc)  # the sweep goes on: say which job failed, in its log too
         sys.exit(2)
 
 

@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 NOT_RESULT_SHAPING = ("task", "show_progress", "cache_dir", "query", "queries_file", "hydra")
 
 
-def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """Every setting that can change an answer or a timing; the item limit and chunking are not among them."""
+def fingerprint(cfg: DictConfig, system: Any = None) -> dict[str, Any]:
+    """Every setting that can change this system's answers or timings (a system may name the config groups it
+    reads in `depends_on`); the item limit and chunking are not among them."""
     full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in full.items() if k not in NOT_RESULT_SHAPING}
+    keys = getattr(system, "depends_on", None)
+    return {k: v for k, v in full.items() if k not in NOT_RESULT_SHAPING and (keys is None or k in keys)}
 
 
 def load_items(cfg: DictConfig) -> list[BenchItem]:
@@ -38,9 +40,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     items = load_items(cfg)
-    store = ResultsStore(out_dir / "results.jsonl", fingerprint(cfg))
-    todo = [it for it in items if it.id not in store]
     system = instantiate(cfg.system)
+    store = ResultsStore(out_dir / "results.jsonl", fingerprint(cfg, system))
+    todo = [it for it in items if it.id not in store]
     log.info("benchmark %s, system %s: %d items, %d already in %s", cfg.benchmark.name, system.name, len(items),
              len(items) - len(todo), store.path)
     if todo:

@@ -70,13 +70,19 @@ def score(record: dict[str, Any]) -> dict[str, Any]:
     return SCORERS[record["kind"]](record)
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap over items (parts of one item are correlated, so items are the unit)."""
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0,
+                 weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap over items (parts of one item are correlated, so items are the unit). With
+    `weights`, the statistic is the ratio sum(values) / sum(weights) (e.g. correct parts / parts)."""
     if not values:
         return (math.nan, math.nan)
     rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    pairs = list(zip(values, weights if weights is not None else [1.0] * len(values)))
+
+    def stat(sample: list[tuple[float, float]]) -> float:
+        return sum(v for v, _ in sample) / sum(w for _, w in sample)
+
+    means = sorted(stat(rng.choices(pairs, k=len(pairs))) for _ in range(resamples))
     lo = means[int((1 - level) / 2 * resamples)]
     hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
     return lo, hi
@@ -92,18 +98,26 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         latencies = [r["answer"]["latency_s"] for r, _ in pairs]
         s: dict[str, Any] = {"n": len(pairs), "median_latency_s": statistics.median(latencies),
                              "partial": sum(r["answer"]["partial"] for r, _ in pairs)}
-        metrics = {"meqa": ("part_accuracy", "all_correct"), "strategyqa": ("correct",),
+        metrics = {"meqa": ("all_correct",), "strategyqa": ("correct",),
                    "fanoutqa": ("containment", "f1")}[kind]
         for m in metrics:
             values = [float(sc[m]) for _, sc in pairs]
             s[m] = statistics.fmean(values)
             s[f"{m}_ci95"] = bootstrap_ci(values)
+        if kind == "meqa":  # per-part accuracy over all parts (an item of 4 parts weighs twice one of 2)
+            correct, parts = [float(sum(sc["part_correct"])) for _, sc in pairs], [sc["parts"] for _, sc in pairs]
+            s["part_accuracy"] = sum(correct) / sum(parts)
+            s["part_accuracy_ci95"] = bootstrap_ci(correct, weights=parts)
         if kind == "meqa":
             stages: dict[str, int] = {}
             for _, sc in pairs:
                 for st in sc.get("stage", []):
                     stages[st] = stages.get(st, 0) + 1
             s["stages"] = stages
+            routed = [ok for _, sc in pairs for ok in sc.get("routed_to_domain", [])]
+            experts = [ok for _, sc in pairs for ok in sc.get("expert_correct", [])]
+            s["routed_to_domain"] = statistics.fmean(routed) if routed else None  # share of parts, when split
+            s["expert_accuracy"] = statistics.fmean(experts) if experts else None  # before aggregation
             s["parts"] = sum(sc["parts"] for _, sc in pairs)
             s["unparsed_parts"] = sum(sc["unparsed_parts"] for _, sc in pairs)
         if kind == "fanoutqa":

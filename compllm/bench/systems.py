@@ -30,6 +30,7 @@ class SystemAnswer:
     subqueries: list[dict[str, Any]] = field(default_factory=list)  # text, depends_on, expert, answer, status
     decomposition: dict[str, Any] = field(default_factory=dict)  # fallback, format, reason
     model_calls: int = 0
+    execute_latency_s: float | None = None  # the sub-query processing alone: plan execution start -> final answer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +63,7 @@ class Composed:
             out.append(SystemAnswer(
                 q.final_answer, frontend_s + q.latency, q.partial, "; ".join(errors), subs,
                 {k: q.decomposition[k] for k in ("fallback", "format", "reason")},
-                sum(n.attempts for n in q.nodes)))
+                sum(n.attempts for n in q.nodes), q.latency))
         return out
 
 
@@ -74,6 +75,8 @@ class RouteOnly(Composed):
 
 
 class Monolithic:
+    depends_on = ("models", "system", "benchmark", "retry")  # no decomposer, router, experts or aggregator
+
     def __init__(self, name: str, system_prompt: str, max_new_tokens: int = 256, model: str = "default"):
         self.name, self.system_prompt, self.max_new_tokens, self.model = name, system_prompt, max_new_tokens, model
 

@@ -79,7 +79,7 @@ class Aggregator:
         query = one_line(query)
         task = ("These facts are steps towards one answer. Answer the question in one or two sentences, starting "
                 "with the direct answer (yes or no, a name, a number)." if chained
-                else f"Write {len(parts)} sentences, one per part.")
+                else f"Write {len(parts)} sentences, one per part, in the order the parts are asked, and nothing else.")
         user = f"Question: {query}\n\nFacts from experts ({len(parts)} parts):\n{facts}\n\n{task}"
         return GenerationRequest(
             ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),
