@@ -90,9 +90,12 @@ def total_params(run: Run, params: dict[str, int]) -> int | None:
 
 
 def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> tuple[str, dict]:
+    """Every system scored on the same items: those all of them answered (runs may have different limits)."""
     rows, data = [], {}
+    runs = [r for r in runs if r.records]
+    common = set.intersection(*(set(x["id"] for x in r.records) for r in runs)) if runs else set()
     for run in runs:
-        s = summarize(run.records).get("meqa")
+        s = summarize(x for x in run.records if x["id"] in common).get("meqa")
         if not s:
             continue
         p = total_params(run, params)
@@ -106,10 +109,12 @@ def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> 
     table = ("| system | model(s) | total parameters | items | per-part accuracy [95% CI] | all parts correct [95% CI] "
              "| parts without a parsable letter | median latency s (chunk of 8) |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(r for _, r in sorted(rows, reverse=True)))
-    stages = ["| system | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+    stages = ["| system | " + " | ".join(STAGES) + " | parts routed to their domain's expert | expert accuracy "
+              "(before aggregation) |", "|---|" + "---|" * (len(STAGES) + 2)]
     for job, s in data.items():
         if s.get("stages"):
-            stages.append(f"| {job} | " + " | ".join(str(s["stages"].get(k, 0)) for k in STAGES) + " |")
+            stages.append(f"| {job} | " + " | ".join(str(s["stages"].get(k, 0)) for k in STAGES)
+                          + f" | {s['routed_to_domain']:.1%} | {s['expert_accuracy']:.3f} |")
     # accuracy vs total parameters
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for job, s in data.items():
@@ -149,16 +154,21 @@ def latency_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
         lat = {k: statistics.median([r["answer"]["latency_s"] for r in common if r["kind"] == k] or [float("nan")])
                for k in kinds}
         lat["all"] = statistics.median(r["answer"]["latency_s"] for r in common)
+        execute = [r["answer"].get("execute_latency_s") for r in common]
+        lat["execute"] = statistics.median(execute) if None not in execute else float("nan")
         agree = sum(r["answer"]["final_answer"] == base_answers[r["id"]] for r in common) / max(len(common), 1)
         data[job] = {"n": len(common), "median_latency_s": lat, "answers_equal_sequential": agree}
     for job, d in data.items():
-        speed = data["sequential"]["median_latency_s"]["all"] / d["median_latency_s"]["all"]
+        base_lat = data["sequential"]["median_latency_s"]
+        speed = base_lat["all"] / d["median_latency_s"]["all"]
         d["speedup_vs_sequential"] = speed
+        d["execute_speedup_vs_sequential"] = base_lat["execute"] / d["median_latency_s"]["execute"]
         rows.append(f"| {job} | {d['n']} | " + " | ".join(f"{d['median_latency_s'][k]:.1f}" for k in kinds)
-                    + f" | {d['median_latency_s']['all']:.1f} | {speed:.2f}x | {d['answers_equal_sequential']:.0%} |")
+                    + f" | {d['median_latency_s']['all']:.1f} | {speed:.2f}x | {d['median_latency_s']['execute']:.1f}"
+                    f" | {d['execute_speedup_vs_sequential']:.2f}x | {d['answers_equal_sequential']:.0%} |")
     head = ("| system | items | " + " | ".join(f"median latency s: {k}" for k in kinds)
-            + " | median latency s: all | speedup vs sequential | final answers = sequential |\n|---|---|"
-            + "---|" * (len(kinds) + 3))
+            + " | median latency s: all | speedup vs sequential | median sub-query processing s | its speedup "
+              "| final answers = sequential |\n|---|---|" + "---|" * (len(kinds) + 5))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(data)
     for i, (job, d) in enumerate(data.items()):

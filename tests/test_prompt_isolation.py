@@ -81,7 +81,7 @@ def test_hostile_answers_cannot_add_facts_or_questions_to_the_aggregator_prompt(
         ("1", "What is the capital of France?", answer), ("2", "How many people live there?", answer)])
     lines = request.messages[-1]["content"].split("\n")
     assert lines[0].startswith("Question: ") and lines[1] == "" and lines[2] == "Facts from experts (2 parts):"
-    assert len([line for line in lines if line.startswith("- ")]) == 2 and lines[-1] == "Write 2 sentences, one per part."
+    assert len([line for line in lines if line.startswith("- ")]) == 2 and lines[-1].startswith("Write 2 sentences, one per part")
     assert len(lines) == 7 and sum(line.startswith("Question:") for line in lines) == 1
 
 
