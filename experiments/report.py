@@ -82,6 +82,14 @@ def fmt_ci(value: float, ci: tuple[float, float]) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def total_params(run: Run, params: dict[str, int]) -> int | None:
     try:
         return sum(params[m] for m in run.models)
@@ -89,32 +97,46 @@ def total_params(run: Run, params: dict[str, int]) -> int | None:
         return None
 
 
-def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> tuple[str, dict]:
-    """Every system scored on the same items: those all of them answered (runs may have different limits)."""
+def accuracy_table(runs: list[Run], params: dict[str, int], common: set[str]) -> tuple[str, dict]:
     rows, data = [], {}
-    runs = [r for r in runs if r.records]
-    common = set.intersection(*(set(x["id"] for x in r.records) for r in runs)) if runs else set()
     for run in runs:
         s = summarize(x for x in run.records if x["id"] in common).get("meqa")
-        if not s:
-            continue
         p = total_params(run, params)
+        if not s or not p:
+            continue
         data[run.job] = {**s, "models": run.models, "total_parameters": p}
         rows.append((s["part_accuracy"], f"| {run.job} | {', '.join(run.models)} | "
                      f"{p / 1e9:.2f}B | {s['n']} ({s['parts']} parts) | {fmt_ci(s['part_accuracy'], s['part_accuracy_ci95'])}"
                      f" | {fmt_ci(s['all_correct'], s['all_correct_ci95'])} | {s['unparsed_parts']} | "
-                     f"{s['median_latency_s']:.1f} |" if p else ""))
-    if not rows:
-        return "", data
+                     f"{s['median_latency_s']:.1f} |"))
     table = ("| system | model(s) | total parameters | items | per-part accuracy [95% CI] | all parts correct [95% CI] "
              "| parts without a parsable letter | median latency s (chunk of 8) |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(r for _, r in sorted(rows, reverse=True)))
+    return (table if rows else ""), data
+
+
+def common_ids(runs: list[Run]) -> set[str]:
+    return set.intersection(*(set(x["id"] for x in r.records) for r in runs)) if runs else set()
+
+
+def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> tuple[str, dict]:
+    """Every system scored on the same items: those all of them answered (runs may have different limits);
+    then, where some systems ran more items, those systems again on their larger common set."""
+    runs = [r for r in runs if r.records]
+    common = common_ids(runs)
+    table, data = accuracy_table(runs, params, common)
+    if not table:
+        return "", data
+    larger = [r for r in runs if len(r.records) > len(common)]
+    if len(larger) >= 2:
+        more, _ = accuracy_table(larger, params, common_ids(larger))
+        table += f"\n\nThe systems that ran more items, on the {len(common_ids(larger))} items they share:\n\n" + more
     stages = ["| system | " + " | ".join(STAGES) + " | parts routed to their domain's expert | expert accuracy "
               "(before aggregation) |", "|---|" + "---|" * (len(STAGES) + 2)]
     for job, s in data.items():
         if s.get("stages"):
             stages.append(f"| {job} | " + " | ".join(str(s["stages"].get(k, 0)) for k in STAGES)
-                          + f" | {s['routed_to_domain']:.1%} | {s['expert_accuracy']:.3f} |")
+                          + f" | {pct(s['routed_to_domain'])} | {num(s['expert_accuracy'])} |")
     # accuracy vs total parameters
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for job, s in data.items():
@@ -142,7 +164,7 @@ STAGES = ["correct", "split", "expert_wrong", "expert_wrong_misrouted", "aggrega
 
 
 def latency_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
-    by_job = {r.job: r for r in runs}
+    by_job = {r.job: r for r in runs if r.records}
     if "sequential" not in by_job:
         return "", {}
     base = by_job["sequential"]
@@ -151,6 +173,8 @@ def latency_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
     kinds = sorted({r["kind"] for r in base.records})
     for job, run in by_job.items():
         common = [r for r in run.records if r["id"] in base_answers]
+        if not common:
+            continue
         lat = {k: statistics.median([r["answer"]["latency_s"] for r in common if r["kind"] == k] or [float("nan")])
                for k in kinds}
         lat["all"] = statistics.median(r["answer"]["latency_s"] for r in common)
