@@ -79,14 +79,20 @@ def test_calibrate_then_explain(compose, tmp_path, model_cache, capsys):
         assert (tmp_path / "explain" / name).stat().st_size > 0
 
 
-def test_policies_agree_on_real_fp32_model(compose, model_cache):
+def test_policies_agree_on_real_fp32_model(compose, model_cache, tmp_path):
     """Batching must not change greedy answers in fp32: sequential, level and compiled on one fixed graph."""
     from compllm.apps.build import build_pipeline
     from compllm.runtime.context import ExecutionContext
     from compllm.runtime.executor import PlanExecutor
     from compllm.runtime.sequential import SequentialExecutor
 
-    cfg = compose("model=smollm2-135m", "models.default.dtype=float32", f"cache_dir={model_cache}")
+    # The session cache's converted weights, but not its calibration: a 1-repeat calibration measured on a busy
+    # machine (test_calibrate_then_explain) can make the batch pass split every batch; the roofline never does.
+    for entry in Path(model_cache).iterdir():
+        if entry.is_dir():
+            (tmp_path / entry.name).symlink_to(entry)
+    cfg = compose("model=smollm2-135m", "models.default.dtype=float32", f"cache_dir={tmp_path}",
+                  "auto_calibrate=false")
     pipeline = build_pipeline(cfg)
     pipeline.prepare()
     raw = ('[{"id": 1, "question": "What is the capital of France?", "depends_on": []},'
