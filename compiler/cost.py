@@ -28,8 +28,8 @@ class ModelCost:
     call_overhead_s: float = 0.0  # fixed cost per generate call (launch, tokenization, sampling setup)
     load_s: Optional[float] = None  # None: weight_bytes / CostModel.load_bytes_per_s
     # Measured seconds of one decode step by batch size ({"1": s, "4": s, ...}; str keys survive JSON).
-    # Real kernels are not monotone in batch size (fp32 GEMM on a 2-core AVX2 CPU: a batch of 3 costs more
-    # than 3 batches of 1, a batch of 8 far less), so where measured this replaces the batch_alpha formula.
+    # Real kernels are not linear in batch size (fp32 on a 2-core CPU: F.linear's step grows 2.5x from batch 1
+    # to 8, the weight-major kernel's 2x), so where measured this replaces the batch_alpha formula.
     decode_step_s_by_batch: Optional[Mapping[str, float]] = None
 
     def __post_init__(self) -> None:
@@ -44,15 +44,20 @@ class ModelCost:
 
     def measured_step_seconds(self, batch_size: int) -> Optional[float]:
         """Decode-step seconds at `batch_size` from the measured table: the smallest measured size >= it,
-        or, past the largest, that size's per-row cost times the batch; None when nothing was measured."""
+        or, past the largest, that size's per-row cost times the batch; None when nothing was measured.
+
+        Never more than `batch_size` steps at batch 1: no kernel measured here (F.linear, weight-major; 1-8 rows)
+        was slower batched than row by row, so a table that says so is measurement noise from a busy machine,
+        and believing it would make the batch pass split every batch."""
         if not self.decode_step_s_by_batch:
             return None
         table = sorted((int(k), float(v)) for k, v in self.decode_step_s_by_batch.items())
+        row_by_row = batch_size * table[0][1] / table[0][0]
         for size, seconds in table:
             if size >= batch_size:
-                return seconds
+                return min(seconds, row_by_row)
         size, seconds = table[-1]
-        return seconds * batch_size / size
+        return min(seconds * batch_size / size, row_by_row)
 
     @classmethod
     def roofline(cls, params: int, bytes_per_param: float, layers: int, kv_heads: int, head_dim: int,

@@ -83,7 +83,7 @@ def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: s
             key = calibration_key(model)
             if key not in calibration and key not in missing:
                 log.info("calibrating %s on this machine, once (compiler.auto_calibrate)", key)
-                missing[key] = calibrate(model, prompt_tokens=64, new_tokens=4, repeats=1)
+                missing[key] = calibrate(model, prompt_tokens=64, new_tokens=4, repeats=3)
         if missing:
             save_calibration(cache_dir, missing)
             calibration = load_calibration(cache_dir)
@@ -116,10 +116,12 @@ def _time_generate(model, ids, new_tokens: int) -> tuple[float, float]:
 
 def calibrate(model, prompt_tokens: int = 256, new_tokens: int = 32, repeats: int = 3,
               batch_sizes: tuple[int, ...] = BATCH_SIZES) -> ModelCost:
-    """Measure prefill and decode seconds per token at batch 1, and the decode step at each batch size
-    (medians over `repeats`, after one warm-up round)."""
-    import statistics
+    """Measure prefill and decode seconds per token at batch 1, and the decode step at each batch size.
 
+    Each number is the minimum over `repeats` rounds (after one warm-up round), each round visiting every
+    batch size: other work on the machine only ever adds time, and a median of few samples taken on a busy
+    machine once made batch 2 look 7x slower than batch 1, which made the batch pass split every batch.
+    """
     import torch
 
     token = model.tokenizer.bos_token_id or model.tokenizer.eos_token_id or 0
@@ -143,10 +145,10 @@ def calibrate(model, prompt_tokens: int = 256, new_tokens: int = 32, repeats: in
     return ModelCost(
         weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_bytes_per_token(model),
-        prefill_s_per_token=statistics.median(prefill),
-        decode_s_per_token=statistics.median(decode),
+        prefill_s_per_token=min(prefill),
+        decode_s_per_token=min(decode),
         load_s=model.stats.load_seconds,
-        decode_step_s_by_batch={b: statistics.median(v) for b, v in steps.items()},
+        decode_step_s_by_batch={b: min(v) for b, v in steps.items()},
     )
 
 

@@ -86,3 +86,17 @@ def test_expert_on_unknown_model_and_unknown_expert():
         ModelCost(-1, 1, 0, 0)
     with pytest.raises(UnknownExpertError, match="unknown expert 'astrology'"):
         model().model_of(Node("n", NodeKind.SUBQUERY, "x", "astrology"))
+
+
+def test_measured_batch_steps_never_cost_more_than_row_by_row():
+    """A table from a busy machine (batch 2 at 7x batch 1) must not make every batch look slower than its rows."""
+    noisy = ModelCost(weight_bytes=1, kv_bytes_per_token=1, prefill_s_per_token=0.01, decode_s_per_token=0.4,
+                      decode_step_s_by_batch={"1": 0.4, "2": 2.8, "4": 1.0, "8": 3.4})
+    assert noisy.measured_step_seconds(1) == 0.4
+    assert noisy.measured_step_seconds(2) == pytest.approx(0.8)  # clamped: two steps at batch 1
+    assert noisy.measured_step_seconds(3) == pytest.approx(1.0)  # the batch-4 measurement, below 3 x 0.4
+    assert noisy.measured_step_seconds(8) == pytest.approx(3.2)
+    assert noisy.measured_step_seconds(16) == pytest.approx(6.4)  # past the table: per-row cost of batch 8
+    cost = CostModel(models={"m": noisy}, expert_model={"e": "m"})
+    together = cost.batch_seconds("m", [(10, 5), (10, 5)])
+    assert together <= 2 * cost.batch_seconds("m", [(10, 5)])
