@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -209,6 +210,12 @@ def latency_section(runs: list[Run], out_dir: Path, name: str) -> tuple[str, dic
     return head + "\n" + "\n".join(rows), data
 
 
+def edges(dq: dict) -> str:
+    """Dependency-edge precision / recall; undefined (no predicted or no gold edges) reads as a dash."""
+    p, r = dq.get("edge_precision", float("nan")), dq.get("edge_recall", float("nan"))
+    return " / ".join("-" if math.isnan(x) else f"{x:.2f}" for x in (p, r))
+
+
 def quality_section(runs: list[Run]) -> tuple[str, dict]:
     """FanOutQA and StrategyQA metrics of every run that has them (meqa_all runs)."""
     rows, data = [], {}
@@ -222,8 +229,7 @@ def quality_section(runs: list[Run]) -> tuple[str, dict]:
         rows.append(f"| {run.experiment}/{run.job} | {f['n'] if f else 0} | "
                     + (f"{fmt_ci(f['containment'], f['containment_ci95'])} | {f['f1']:.3f} | " if f else "- | - | ")
                     + (f"{dq.get('n_pred', float('nan')):.1f} vs {dq.get('n_gold', float('nan')):.1f} | "
-                       f"{dq.get('node_recall', float('nan')):.2f} | {dq.get('edge_precision', float('nan')):.2f} / "
-                       f"{dq.get('edge_recall', float('nan')):.2f} | " if dq else "- | - | - | ")
+                       f"{dq.get('node_recall', float('nan')):.2f} | {edges(dq)} | " if dq else "- | - | - | ")
                     + (f"{q['n']} | {fmt_ci(q['correct'], q['correct_ci95'])} |" if q else "0 | - |"))
     head = ("| run | FanOutQA items | answer containment [95% CI] | token F1 | sub-questions (pred vs gold) | "
             "gold sub-questions matched | dependency edges P / R | StrategyQA items | StrategyQA accuracy [95% CI] |\n"

@@ -40,6 +40,9 @@ def test_experiment_config_runs(experiment, tmp_path, model_cache):
         summary = json.loads(path.read_text())
         assert sum(m["n"] for m in summary["metrics"].values()) == 2
         assert len(records(path.with_name("results.jsonl"))) == 2
+        if summary["system"].startswith(("compiled", "sequential", "no_deps", "route_only")):  # composed systems
+            (trace,) = path.parent.glob("traces/*.json")  # one chunk: its Chrome trace
+            assert any(e.get("ph") == "X" for e in json.loads(trace.read_text())["traceEvents"])
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_cache):

@@ -52,9 +52,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                   unit="item", file=sys.stderr, disable=not cfg.show_progress) as bar:
             for start in range(0, len(todo), chunk):
                 batch = todo[start: start + chunk]
-                answers = system.answer(pipeline, [it.query for it in batch])
+                answers, trace = system.answer(pipeline, [it.query for it in batch])
                 for item, answer in zip(batch, answers):
                     store.append({**item.to_dict(), "system": system.name, "answer": answer.to_dict()})
+                if trace is not None:  # open in https://ui.perfetto.dev
+                    traces = out_dir / "traces"
+                    traces.mkdir(exist_ok=True)
+                    (traces / f"{batch[0].id}.json").write_text(json.dumps(trace), encoding="utf-8")
                 bar.update(len(batch))
     wanted = {it.id for it in items}
     summary = {"benchmark": cfg.benchmark.name, "system": system.name,

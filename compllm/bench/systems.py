@@ -44,7 +44,8 @@ class Composed:
         decompositions = pipeline.decompose(queries)
         return [drop_dependencies(d) for d in decompositions] if self.drop_dependencies else decompositions
 
-    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> list[SystemAnswer]:
+    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> tuple[list[SystemAnswer], dict | None]:
+        """The chunk's answers, and its Chrome trace (every generate call, per worker and per query)."""
         start = time.perf_counter()
         decompositions = self.decompositions(pipeline, queries)
         frontend_s = time.perf_counter() - start
@@ -64,7 +65,7 @@ class Composed:
                 q.final_answer, frontend_s + q.latency, q.partial, "; ".join(errors), subs,
                 {k: q.decomposition[k] for k in ("fallback", "format", "reason")},
                 sum(n.attempts for n in q.nodes), q.latency))
-        return out
+        return out, result.trace
 
 
 class RouteOnly(Composed):
@@ -80,13 +81,13 @@ class Monolithic:
     def __init__(self, name: str, system_prompt: str, max_new_tokens: int = 256, model: str = "default"):
         self.name, self.system_prompt, self.max_new_tokens, self.model = name, system_prompt, max_new_tokens, model
 
-    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> list[SystemAnswer]:
+    def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> tuple[list[SystemAnswer], dict | None]:
         start = time.perf_counter()
         requests = [GenerationRequest(({"role": "system", "content": self.system_prompt},
                                        {"role": "user", "content": q}), self.max_new_tokens) for q in queries]
         generations = pipeline.pool.get(self.model).generate(requests)
         wall = time.perf_counter() - start  # one batched call: every query's answer arrives at its end
-        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations]
+        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations], None  # one call: nothing to trace
 
 
 _REF = re.compile(r"#(\d+)\b")
