@@ -151,7 +151,11 @@ def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> 
                         xytext=(5, 4), fontsize=8)
     ax.axhline(0.25, ls=":", color="k", lw=0.8, label="chance (4 options)")
     ax.set_xscale("log")
-    ax.set_xlabel("total parameters loaded (billions, log)")
+    ticks = sorted({s["total_parameters"] / 1e9 for s in data.values() if s["total_parameters"]})
+    ax.set_xticks(ticks, [f"{t:.2f}B" for t in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlim(ticks[0] / 1.4, ticks[-1] * 1.6)  # room for the labels
+    ax.set_xlabel("total parameters loaded (log scale)")
     ax.set_ylabel("meqa_p per-part accuracy")
     ax.set_title("Accuracy vs size (95% bootstrap CIs; circles: compllm, squares: one model)", fontsize=9)
     ax.legend(fontsize=8)
@@ -202,7 +206,8 @@ def latency_section(runs: list[Run], out_dir: Path, name: str) -> tuple[str, dic
         ax.bar(xs, [d["median_latency_s"][k] for k in [*kinds, "all"]], width, label=job)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds) + 1)], [*kinds, "all"])
     ax.set_ylabel("median per-query latency (s)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.25 * max(d["median_latency_s"]["all"] for d in data.values()))  # room for the legend
+    ax.legend(fontsize=8, ncol=len(data))
     ax.set_title(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / f"report_{name}.png", dpi=120)
