@@ -254,7 +254,7 @@ def ablation_section(runs: list[Run], out_dir: Path) -> tuple[str, dict]:
                                                          "part_accuracy": meqa.get("part_accuracy")}
             acc = f"{meqa['part_accuracy']:.3f}" if meqa else "-"
             rows.append(f"| {run.job} | {len(run.records)} | {acc} | {lat:.1f} |")
-        parts.append(f"**{experiment}**\n\n| setting | items | meqa_p per-part accuracy | median latency s |\n"
+        parts.append(f"**{experiment}**\n\n| setting | items | per-part accuracy on its meqa_p items | median latency s |\n"
                      "|---|---|---|---|\n" + "\n".join(rows))
         d = data[experiment]
         fig, ax = plt.subplots(figsize=(6, 3))
