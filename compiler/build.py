@@ -69,6 +69,7 @@ def add_query(
         deps = set(sq.depends_on)
         template = _HASH_REF.sub(lambda m: "{#%s}" % m.group(1) if int(m.group(1)) in deps else m.group(0),
                                  _literal(sq.text))
+        answer_type = AnswerType.parse(sq.answer_type)
         graph.add(
             Node(
                 id=node_id(query_id, sq.index),
@@ -76,9 +77,10 @@ def add_query(
                 template=template,
                 expert=sq.expert,
                 inputs={f"#{d}": node_id(query_id, d) for d in sorted(deps)},
-                answer_type=AnswerType.parse(sq.answer_type),
+                answer_type=answer_type,
                 est_prompt_tokens=len(sq.text) // CHARS_PER_TOKEN + 1,
-                est_output_tokens=sq.max_new_tokens,
+                # CHOICE: the answer is one scored option letter, no decoding
+                est_output_tokens=1 if answer_type is AnswerType.CHOICE else sq.max_new_tokens,
                 provenance=Provenance(query_id, sq.index, sq.route_score, sq.routed_by),
             )
         )

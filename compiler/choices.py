@@ -2,7 +2,8 @@
 
 Why: a `choice` node is answered by scoring its option letters at the first answer token (one prefill, no
 decoding), the way MMLU is evaluated, instead of hoping a small model writes a parsable letter; it is also
-~100x cheaper than free generation. Decomposition is what makes this possible: one model asked several
+cheaper (paper_accuracy: a chunk of 8 meqa_p items in 39.4 s median against 78.2 s in free text, 40 items).
+Decomposition is what makes this possible: one model asked several
 questions at once can only be answered in free text.
 """
 from __future__ import annotations

@@ -81,7 +81,7 @@ class Pipeline:
             for i, (d, rs) in enumerate(zip(decompositions, routes)):
                 subqueries = [
                     RoutedSubQuery(sq.index, sq.text, sq.depends_on, r.expert, sq.answer_type, r.score, r.routed_by,
-                                   1 if sq.answer_type == "choice" else self.experts[r.expert].max_new_tokens)
+                                   self.experts[r.expert].max_new_tokens)
                     for sq, r in zip(d.subqueries, rs)
                 ]
                 listed = d.format == "enumerated" and self.aggregator.list_enumerated

@@ -27,7 +27,8 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from compllm.bench.scoring import score, summarize  # noqa: E402
+from compllm.bench.scoring import summarize  # noqa: E402
+from compllm.bench.store import read_results  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 
@@ -41,10 +42,12 @@ class Run:
 
     @property
     def models(self) -> list[str]:
-        """Distinct model names the run used (experts sharing one model count once)."""
-        return sorted({m["name"] for m in self.config["models"].values()}) if self.config["system"]["_target_"].endswith(
-            "Composed") or self.config["system"]["_target_"].endswith("RouteOnly") else \
-            [self.config["models"][self.config["system"].get("model", "default")]["name"]]
+        """Distinct model names the run loads: a monolithic system its one model, a composed one every model
+        its roles name (experts sharing one model count once)."""
+        system = self.config["system"]
+        if system["_target_"].endswith("Monolithic"):
+            return [self.config["models"][system.get("model", "default")]["name"]]
+        return sorted({m["name"] for m in self.config["models"].values()})
 
 
 def load_runs(root: Path) -> list[Run]:
@@ -53,8 +56,7 @@ def load_runs(root: Path) -> list[Run]:
         cfg_path = results.parent / ".hydra" / "config.yaml"
         if not cfg_path.exists():
             continue
-        lines = results.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines[1:] if line.strip()]
+        _, records = read_results(results)
         runs.append(Run(results.parent.parent.name, results.parent.name, yaml.safe_load(cfg_path.read_text()),
                         records))
     return runs

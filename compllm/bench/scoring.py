@@ -108,7 +108,6 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             correct, parts = [float(sum(sc["part_correct"])) for _, sc in pairs], [sc["parts"] for _, sc in pairs]
             s["part_accuracy"] = sum(correct) / sum(parts)
             s["part_accuracy_ci95"] = bootstrap_ci(correct, weights=parts)
-        if kind == "meqa":
             stages: dict[str, int] = {}
             for _, sc in pairs:
                 for st in sc.get("stage", []):

@@ -16,6 +16,21 @@ class ResultsMismatchError(ValueError):
     """An existing results file was produced by a different configuration."""
 
 
+def read_lines(path: Path) -> tuple[bytes, list[str]]:
+    """(the file's complete bytes, its non-empty lines); a torn tail (no newline yet) is left out."""
+    raw = Path(path).read_bytes() if Path(path).exists() else b""
+    good = raw[: raw.rfind(b"\n") + 1]
+    return good, [ln for ln in good.decode("utf-8").splitlines() if ln.strip()]
+
+
+def read_results(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(header, records) of a results file, read-only: what a report reads, even while a run still writes."""
+    _, lines = read_lines(path)
+    if not lines:
+        return None, []
+    return json.loads(lines[0]).get("header"), [json.loads(line) for line in lines[1:]]
+
+
 class ResultsStore:
     def __init__(self, path: Path, fingerprint: dict[str, Any]):
         self.path = Path(path)
@@ -25,14 +40,10 @@ class ResultsStore:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines: list[str] = []
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            good = raw[: raw.rfind(b"\n") + 1]  # a torn tail has no newline yet
-            if len(good) != len(raw):
-                with self.path.open("r+b") as f:
-                    f.truncate(len(good))
-            lines = [ln for ln in good.decode("utf-8").splitlines() if ln.strip()]
+        good, lines = read_lines(self.path)
+        if self.path.exists() and len(good) != self.path.stat().st_size:  # cut the torn tail off for good
+            with self.path.open("r+b") as f:
+                f.truncate(len(good))
         if not lines:
             self._write({"header": self.fingerprint})
             return

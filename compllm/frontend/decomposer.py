@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from compiler.choices import option_letters
 from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
-from compiler.choices import option_letters
 from compllm.frontend.enumerated import split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
 
