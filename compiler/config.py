@@ -23,7 +23,10 @@ class CompilerConfig:
     passes: List[str] = field(default_factory=lambda: list(DEFAULT_PASSES))
     disabled: List[str] = field(default_factory=list)
     memory_budget: Optional[int] = None  # bytes for weights + KV on the device; None = unlimited
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # rows that decode together (live rows of one generate call)
+    # Nodes one generate call may carry: beyond max_batch_size they join as rows finish (continuous refill, so
+    # a long answer never decodes alone while work waits). None = max_batch_size (no refill).
+    max_call_size: Optional[int] = 64
     max_batch_kv_bytes: Optional[int] = None  # optional cap on one batch's KV, below what the budget allows
     eviction: str = "belady"  # belady (next use known from the graph) | lru (baseline for comparison)
     fuse: List[str] = field(default_factory=list)  # fuse variants; empty = fuse is a no-op (answers unchanged)
@@ -52,6 +55,8 @@ class CompilerConfig:
             raise ConfigError(f"memory_budget must be positive bytes or None, got {self.memory_budget!r}")
         if self.max_batch_size < 1 or self.fuse_max_chain < 2 or self.streams < 1:
             raise ConfigError("max_batch_size and streams must be >= 1, fuse_max_chain >= 2")
+        if self.max_call_size is not None and self.max_call_size < 1:
+            raise ConfigError(f"max_call_size must be >= 1 or None, got {self.max_call_size!r}")
         if self.max_batch_kv_bytes is not None and self.max_batch_kv_bytes <= 0:
             raise ConfigError("max_batch_kv_bytes must be positive bytes or None")
 

@@ -78,7 +78,8 @@ def lower(graph: Graph, ctx: PassContext) -> Plan:
                 for parent in graph.nodes[nid].parents:
                     deps[step_of_node[parent]] = None
             stream = stream_of.setdefault(model, len(stream_of) % streams)
-            steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.kv_bytes))
+            steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.kv_bytes,
+                              b.slots))
             runs_of[model].append(sid)
             for nid in b.nodes:
                 step_of_node[nid] = sid

@@ -34,15 +34,17 @@ class Step:
     stream: int = 0  # worker/stream; generates of one model always share one stream
     est_s: float = 0.0  # cost-model estimate of this step's duration
     bytes: int = 0  # load/evict: the model's footprint; generate: the batch's KV bytes
+    slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind.value, "model": self.model, "nodes": list(self.nodes),
-                "deps": list(self.deps), "stream": self.stream, "est_s": self.est_s, "bytes": self.bytes}
+                "deps": list(self.deps), "stream": self.stream, "est_s": self.est_s, "bytes": self.bytes,
+                "slots": self.slots}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
         return cls(d["id"], StepKind(d["kind"]), d["model"], tuple(d.get("nodes", ())), tuple(d.get("deps", ())),
-                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0))
+                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0))
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Plan:
         lines += [f"  alias {a} -> {k}" for a, k in self.aliases.items()]
         for (sid, resident), s in zip(self.memory_profile(), self.steps):
             what = f"{s.kind.value} {s.model}" + (f" ({', '.join(s.nodes)})" if s.nodes else "")
+            what += f" {s.slots} at a time" if s.slots else ""
             deps = f" after {', '.join(s.deps)}" if s.deps else ""
             lines.append(f"  [{s.stream}] {sid}: {what}{deps} | resident={resident:,}")
         return "\n".join(lines)

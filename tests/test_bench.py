@@ -78,7 +78,7 @@ def test_enumerated_queries_skip_the_model_and_respect_caps(compose):
     decomposer = instantiate(compose().decomposer, _convert_="all", max_subqueries=2)
 
     class NoModel:
-        def generate(self, requests):
+        def generate(self, requests, max_live_rows=None):
             raise AssertionError("an enumerated query needs no model call")
 
     (d,) = decomposer.decompose(NoModel(), ["Question 1: A? Question 2: B? Question 3: C?"])

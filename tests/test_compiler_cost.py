@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from compiler.cost import CostModel, ModelCost
+from compiler.cost import CostModel, ModelCost, admit_rows
 from compiler.errors import ConfigError
 from compiler.ir import Graph, Node, NodeKind
 from compiler.verify import UnknownExpertError
@@ -38,6 +38,33 @@ def test_batch_kv_is_left_padded_and_time_has_sublinear_decode():
     one = cm.batch_seconds("a", [(10, 8)]) - 0.5
     eight = cm.batch_seconds("a", [(10, 8)] * 8) - 0.5
     assert one < eight < 8 * one  # batching is cheaper than separate calls
+
+
+def test_admit_rows_waits_for_half_the_slots_unless_nothing_is_live():
+    assert admit_rows(free=8, pending=20, live=0) == 8  # an empty batch takes all it can
+    assert admit_rows(free=3, pending=20, live=5) == 0  # 3 of 8 free: keep decoding
+    assert admit_rows(free=4, pending=20, live=4) == 4  # half free: one prefill of 4 rows
+    assert admit_rows(free=1, pending=1, live=7) == 1  # the last waiting row joins as soon as it fits
+    assert admit_rows(free=0, pending=5, live=8) == 0
+    assert admit_rows(free=8, pending=0, live=0) == 0
+
+
+def test_refilled_call_keeps_the_batch_full_while_a_long_answer_decodes():
+    """One long answer (100 steps) with three short ones behind it, 2 rows at a time: the short rows decode
+    next to the long one instead of waiting for it, and KV is held for 2 rows, not 4."""
+    cm = model()
+    tokens = [(10, 100), (10, 5), (10, 5), (10, 5)]
+    phases = cm.call_phases(tokens, slots=2)
+    assert phases[0] == ([(10, 100), (10, 5)], 5, 2)  # the short row leaves after 5 steps
+    assert [len(group) for group, _, _ in phases] == [2, 1, 1, 0]
+    assert cm.decode_steps(tokens, slots=2) == 100  # all short rows rode along with the long one
+    assert cm.decode_steps(tokens) == 100
+    assert cm.batch_kv_bytes("a", tokens, slots=2) == 2 * (10 + 100) * 10
+    # separate calls of 2 (what max_call_size=None plans): the second pair waits for the long row
+    pairs = cm.batch_seconds("a", tokens[:2]) + cm.batch_seconds("a", tokens[2:])
+    assert cm.batch_seconds("a", tokens, slots=2) < pairs
+    # no cap = the all-at-once formula
+    assert cm.batch_seconds("a", tokens, slots=4) == cm.batch_seconds("a", tokens)
 
 
 def test_load_seconds_measured_or_from_bandwidth():

@@ -31,6 +31,7 @@ def workloads(draw, uniform: bool = False, tight: bool = False):
                          shared_prob=draw(st.floats(0, 0.6)), shared_pool=3)
     config = CompilerConfig(
         max_batch_size=draw(st.integers(1, 10)),
+        max_call_size=draw(st.sampled_from([None, 4, 64])),
         eviction=draw(st.sampled_from(["belady", "lru"])),
         streams=draw(st.integers(1, 3)),
         fuse=draw(st.sampled_from([[], ["chains"]])),
@@ -243,7 +244,8 @@ plan steps=8 loads=2 budget=3,500 peak=3,264 eviction=belady streams=1
 
 
 def test_golden_graph_and_plan_text():
-    plan = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=2))
+    plan = compile(golden_graph(), golden_cost(),
+                   CompilerConfig(memory_budget=3500, max_batch_size=2, max_call_size=None))
     assert plan.graph.dump() == GOLDEN_GRAPH
     assert plan.dump() == GOLDEN_PLAN
     # small: 1000 B weights + its largest batch (the two shortest prompts together: 2 x (6 + 8) tokens x 2 B) = 1056
@@ -324,6 +326,20 @@ def test_empty_graph_compiles_to_an_empty_plan():
 
 
 def test_bad_config_is_a_config_error():
-    for bad in ({"eviction": "fifo"}, {"max_batch_size": 0}, {"memory_budget": 0}, {"streams": 0}):
+    for bad in ({"eviction": "fifo"}, {"max_batch_size": 0}, {"max_call_size": 0}, {"memory_budget": 0},
+                {"streams": 0}):
         with pytest.raises(ConfigError):
             compile(golden_graph(), golden_cost(), CompilerConfig(**bad))
+
+
+def test_calls_past_max_batch_size_refill_rows_and_reserve_kv_for_live_rows_only():
+    """max_call_size > max_batch_size: one call carries the whole level, max_batch_size rows decode at once, and
+    the model's footprint reserves KV for those live rows only."""
+    refill = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=1, max_call_size=3))
+    (call,) = [s for s in refill.steps if s.kind is StepKind.GENERATE and s.model == "small"]
+    assert (call.nodes, call.slots) == (("q1:2", "q2:1", "q0:1"), 1)
+    assert "(q1:2, q2:1, q0:1) 1 at a time" in refill.dump()
+    assert Plan.from_json(refill.to_json()).steps == refill.steps
+    pairs = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=2,
+                                                                  max_call_size=None))
+    assert refill.footprints["small"] < pairs.footprints["small"]

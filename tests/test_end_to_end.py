@@ -113,7 +113,8 @@ def test_policies_agree_on_real_fp32_model(compose, model_cache, tmp_path):
 
 def test_hf_decode_loop_matches_transformers_generate(compose, model_cache):
     """The backend's row-dropping greedy loop gives exactly `model.generate`'s tokens, alone or batched with
-    rows of other lengths and limits, with the weight-major decode kernel on or off."""
+    rows of other lengths and limits, with the weight-major decode kernel on or off, and with rows joining a
+    running batch (continuous refill)."""
     import torch
 
     from compllm.backends.base import GenerationRequest
@@ -143,6 +144,9 @@ def test_hf_decode_loop_matches_transformers_generate(compose, model_cache):
     assert [g.text for g in batched] == expected == [model.generate([r])[0].text for r in requests]
     assert [g.output_tokens <= r.max_new_tokens for g, r in zip(batched, requests)] == [True] * 3
     assert batched[2].finish_reason == "stop"
+    # continuous refill: 2 rows live, the others prefilled and merged into the running batch as rows leave
+    refilled = model.generate(requests + requests[::-1], max_live_rows=2)
+    assert [g.text for g in refilled] == expected + expected[::-1]
 
 
 def test_hf_choice_requests_pick_the_most_likely_option(compose, model_cache):

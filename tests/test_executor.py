@@ -24,7 +24,7 @@ class EchoModel:
         self.batches: list[int] = []
         self.lock = threading.Lock()
 
-    def generate(self, requests):
+    def generate(self, requests, max_live_rows=None):
         with self.lock:
             self.batches.append(len(requests))
         time.sleep(self.delay)
@@ -149,7 +149,7 @@ class FlakyModel(EchoModel):
         super().__init__(name)
         self.failures, self.hang, self.calls = failures, hang, 0
 
-    def generate(self, requests):
+    def generate(self, requests, max_live_rows=None):
         self.calls += 1
         if self.calls <= self.failures:
             raise BackendError("transient failure")

@@ -145,7 +145,7 @@ def test_enormous_decomposer_output_is_capped_in_the_graph():
 
 def test_a_failing_decomposer_call_falls_back_for_every_query():
     class Down:
-        def generate(self, requests):
+        def generate(self, requests, max_live_rows=None):
             raise MemoryError("CUDA out of memory")
 
     out = DECOMPOSER.decompose(Down(), ["First?", "Second?"])

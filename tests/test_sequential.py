@@ -14,7 +14,7 @@ class ScriptedModel:
     def __init__(self):
         self.name, self.stats, self.prompts = "scripted", ModelStats(), []
 
-    def generate(self, requests):
+    def generate(self, requests, max_live_rows=None):
         out = []
         for r in requests:
             user = r.messages[-1]["content"]

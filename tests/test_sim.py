@@ -102,7 +102,8 @@ def compiled(draw):
     experts = [f"e{i}" for i in range(draw(st.integers(2, 8)))]
     cm = random_cost_model(rng, experts, draw(st.integers(1, 5)))
     graph = random_graph(rng, experts, n_queries=draw(st.integers(1, 30)), min_sub=1, max_sub=6)
-    config = CompilerConfig(max_batch_size=draw(st.integers(1, 10)), eviction=draw(st.sampled_from(["belady", "lru"])),
+    config = CompilerConfig(max_batch_size=draw(st.integers(1, 10)), max_call_size=draw(st.sampled_from([None, 4, 64])),
+                            eviction=draw(st.sampled_from(["belady", "lru"])),
                             streams=draw(st.integers(1, 3)), fuse=draw(st.sampled_from([[], ["chains"]])),
                             disabled=draw(st.sampled_from([[], ["batch"], ["level_schedule"]])))
     free = compile(graph, cm, config)

@@ -1,11 +1,15 @@
 """`batch`: group nodes of one model that become ready together into one generate call.
 
 "Ready together" = same topological level (no node on a level depends on another on it). Each
-(level, model) group, ordered by estimated prompt length (graph order among equals: a left-padded batch
-computes every row at its longest prompt, so similar lengths waste the least prefill), is cut greedily into batches bounded by `max_batch_size` and
-by KV memory (a batch the cost model says is slower than its calls one by one is split into singles): a batch's left-padded KV must fit in the budget left after its own model's weights
-(and under `max_batch_kv_bytes` if set). The residency planner later reserves each model's largest
-batch KV next to its weights, so any batch can run whatever else is resident.
+(level, model) group, ordered by estimated prompt length (graph order among equals: a left-padded
+prefill computes every row at its longest prompt, so similar lengths waste the least), is cut greedily
+into calls of at most `max_call_size` nodes, of which at most `max_batch_size` decode at once: the rest
+join as rows finish (continuous refill, `compiler.cost.admit_rows`), so one long answer never decodes
+alone while work waits. Calls are also bounded by KV memory: a call's left-padded KV (live rows x its
+longest prompt + output) must fit in the budget left after its own model's weights (and under
+`max_batch_kv_bytes` if set). A call the cost model says is slower than its nodes one by one is split
+into singles. The residency planner later reserves each model's largest call KV next to its weights,
+so any call can run whatever else is resident.
 Output: `annotations["batches"]`, a tuple of `Batch` in level order.
 """
 from __future__ import annotations
@@ -32,16 +36,18 @@ class Batch:
     nodes: tuple[str, ...]
     kv_bytes: int
     est_s: float
+    slots: int = 0  # rows decoding at once; 0 = all nodes at once (no refill)
 
     def dump(self) -> str:
-        return (f"batch {self.index} level={self.level} model={self.model} kv={self.kv_bytes} "
+        slots = f" slots={self.slots}" if self.slots else ""
+        return (f"batch {self.index} level={self.level} model={self.model} kv={self.kv_bytes}{slots} "
                 f"est={self.est_s:.4g}s nodes({', '.join(self.nodes)})")
 
 
 @register("batch")
 def batch(graph: Graph, ctx: PassContext) -> Graph:
     out = graph.copy()
-    out.annotations["batches"] = make_batches(graph, ctx, ctx.config.max_batch_size)
+    out.annotations["batches"] = make_batches(graph, ctx, ctx.config.max_batch_size, ctx.config.max_call_size)
     return out
 
 
@@ -51,8 +57,10 @@ def kv_limit(cost: CostModel, model: str, budget: Optional[int], cap: Optional[i
     return limit if cap is None else min(limit, cap)
 
 
-def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, ...]:
-    """Batches of at most `max_size` nodes (1 = every node alone: what `level_schedule` uses without `batch`)."""
+def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optional[int] = None) -> tuple[Batch, ...]:
+    """Calls of at most `call_size` nodes (None: `max_size`), at most `max_size` of them decoding at once
+    (1 and None = every node alone: what `level_schedule` uses without `batch`)."""
+    call_size = max(max_size, call_size or max_size)
     cost, budget, cap = ctx.cost, ctx.config.memory_budget, ctx.config.max_batch_kv_bytes
     levels = topo_levels(graph)
     groups: dict[tuple[int, str], list[str]] = {}
@@ -79,7 +87,8 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, 
         longest_p = longest_o = 0
 
         def close() -> None:
-            together = cost.batch_seconds(model, tokens)
+            slots = min(max_size, len(members))
+            together = cost.batch_seconds(model, tokens, slots)
             if len(members) > 1 and together > sum(cost.batch_seconds(model, [t]) for t in tokens):
                 # the measured kernels make this batch size slower than its calls one by one: don't batch
                 for nid, t in zip(members, tokens):
@@ -87,12 +96,14 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int) -> tuple[Batch, 
                                          cost.batch_seconds(model, [t])))
             elif members:
                 batches.append(Batch(len(batches), model, level, tuple(members),
-                                     cost.batch_kv_bytes(model, tokens), together))
+                                     cost.batch_kv_bytes(model, tokens, slots), together,
+                                     slots if slots < len(members) else 0))
 
         for nid in sorted(groups[(level, model)], key=lambda n: tokens_of[n][0]):  # stable
             p, o = tokens_of[nid]
-            grown = (len(members) + 1) * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
-            if members and (len(members) >= max_size or grown > limit):
+            rows = min(len(members) + 1, max_size)
+            grown = rows * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
+            if members and (len(members) >= call_size or grown > limit):
                 close()
                 members, tokens, longest_p, longest_o = [], [], 0, 0
             members.append(nid)

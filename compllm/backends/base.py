@@ -38,12 +38,17 @@ class ModelStats:
 
 
 class Backend(Protocol):
-    """One loaded model. `generate` is greedy and deterministic for a given batch."""
+    """One loaded model. `generate` is greedy and deterministic for a given batch.
+
+    `max_live_rows` (passed only when a plan step caps it below the number of requests): at most that many
+    rows decode at once, the others join as rows finish. Backends without continuous refill may ignore it:
+    it changes speed and memory, never answers."""
 
     name: str
     stats: ModelStats
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+    def generate(self, requests: Sequence[GenerationRequest],
+                 max_live_rows: int | None = None) -> list[Generation]: ...
 
 
 class BackendError(RuntimeError):

@@ -81,7 +81,7 @@ class FaultyModel:
             r -= rate
         return kind, blanks
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None) -> list[Generation]:
         kind, blanks = self._draw(len(requests))
         if kind is not None:
             with self._lock:
@@ -92,7 +92,8 @@ class FaultyModel:
             raise InjectedOutOfMemory(f"CUDA out of memory (injected into {self.inner.name})")
         if kind == "hang":
             time.sleep(self.settings.hang_s)
-        generations = list(self.inner.generate(requests))
+        generations = list(self.inner.generate(requests) if max_live_rows is None
+                           else self.inner.generate(requests, max_live_rows=max_live_rows))
         with self._lock:
             self.injected["empty"] += sum(blanks[: len(generations)])
         return [replace(g, text="", output_tokens=0) if blank else g for g, blank in zip(generations, blanks)]

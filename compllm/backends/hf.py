@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Sequence
 
+from compiler.cost import admit_rows
 from compllm.backends.base import BackendError, Generation, GenerationRequest, ModelStats
 
 log = logging.getLogger(__name__)
@@ -88,64 +89,77 @@ class HFModel:
     def render(self, request: GenerationRequest) -> str:
         return self.tokenizer.apply_chat_template(list(request.messages), tokenize=False, add_generation_prompt=True)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None) -> list[Generation]:
+        """Greedy answers for `requests`, decoded together; at most `max_live_rows` rows decode at once (None: all).
+
+        With a cap below len(requests), the call runs as a continuously refilled batch: rows join (in request
+        order, see `compiler.cost.admit_rows`) as others finish, so a long answer never decodes alone while
+        work is waiting.
+        """
         import torch
 
         if not requests:
             return []
+        slots = len(requests) if max_live_rows is None else max(1, min(max_live_rows, len(requests)))
         prompts = [self.render(r) for r in requests]
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            rows = self._decode(enc["input_ids"], enc["attention_mask"], requests)
+            rows, prompt_tokens = self._decode(prompts, requests, slots)
             seconds = time.perf_counter() - start
         results = []
-        for i, (request, (ids, finished)) in enumerate(zip(requests, rows)):
+        for request, (ids, finished), n_prompt in zip(requests, rows, prompt_tokens):
             text, stopped = _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.stop)
-            prompt_tokens = int(enc["attention_mask"][i].sum())
             results.append(
                 Generation(
                     text=text.strip(),
-                    prompt_tokens=prompt_tokens,
+                    prompt_tokens=n_prompt,
                     output_tokens=len(ids),
                     seconds=seconds,
                     finish_reason="stop" if (finished or stopped) else "length",
                     batch_size=len(requests),
                 )
             )
-            self.stats.prompt_tokens += prompt_tokens
+            self.stats.prompt_tokens += n_prompt
             self.stats.output_tokens += len(ids)
         self.stats.calls += 1
         self.stats.generate_seconds += seconds
         return results
 
-    def _decode(self, input_ids, attention_mask, requests: Sequence[GenerationRequest]) -> list[tuple[list[int], bool]]:
-        """Greedy decoding of a left-padded batch that drops each row from the batch as soon as it is done.
+    def _decode(self, prompts: Sequence[str], requests: Sequence[GenerationRequest],
+                slots: int) -> tuple[list[tuple[list[int], bool]], list[int]]:
+        """Greedy decoding of left-padded rows; each row leaves the batch as soon as it is done.
 
         `model.generate` keeps finished rows in the batch until the longest one ends, so one rambling answer
         makes every row pay its decode steps; here a row leaves (its KV rows are dropped) at its own end of
-        sequence, stop string or `max_new_tokens`, and the step cost shrinks with the live batch.
-        Returns (new token ids without the end-of-sequence token, finished by eos/stop) per request.
+        sequence, stop string or `max_new_tokens`, the step cost shrinks with the live batch, and waiting
+        rows are prefilled and merged into the running batch (at most `slots` live) when `admit_rows` says so.
+        Returns (new token ids without the end-of-sequence token, finished by eos/stop) per request, and each
+        request's prompt token count.
         """
         import torch
-        from transformers import DynamicCache
 
         eos = self._eos_ids
         tokens: list[list[int]] = [[] for _ in requests]
         finished = [False] * len(requests)
-        live = list(range(len(requests)))  # request index of each row still in the batch
-        cache = DynamicCache()
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        logits = self._forward(input_ids, attention_mask, positions, cache)
-        next_position = positions[:, -1:] + 1
-        while live:
-            chosen = logits[:, -1, :].argmax(-1)
+        prompt_tokens = [0] * len(requests)
+        pending = list(range(len(requests)))  # admitted in request order
+        batch: _LiveBatch | None = None
+        while pending or batch is not None:
+            live = 0 if batch is None else len(batch.rows)
+            admit = admit_rows(slots - live, len(pending), live)
+            if admit:
+                group, pending = pending[:admit], pending[admit:]
+                joined = self._prefill([prompts[i] for i in group], group)
+                for i, n in zip(group, joined.mask.sum(-1).tolist()):
+                    prompt_tokens[i] = int(n)
+                batch = joined if batch is None else batch.merge(joined)
+            chosen = batch.logits.argmax(-1)
             keep = []
-            for j, row in enumerate(live):
+            for j, row in enumerate(batch.rows):
                 token = int(chosen[j])
                 if requests[row].choices and not tokens[row]:  # a `choice` answer: best option, then done
                     allowed = self._choice_token_ids(requests[row].choices)
-                    tokens[row].append(allowed[int(logits[j, -1, allowed].argmax())])
+                    tokens[row].append(allowed[int(batch.logits[j, allowed].argmax())])
                     finished[row] = True
                     continue
                 if token in eos:
@@ -158,16 +172,24 @@ class HFModel:
                 elif len(tokens[row]) < request.max_new_tokens:
                     keep.append(j)
             if not keep:
-                break
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=chosen.device)
-                cache.batch_select_indices(index)
-                attention_mask, chosen, next_position = attention_mask[index], chosen[index], next_position[index]
-                live = [live[j] for j in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
-            logits = self._forward(chosen[:, None], attention_mask, next_position, cache)
-            next_position = next_position + 1
-        return [(ids, done) for ids, done in zip(tokens, finished)]
+                batch = None
+                continue
+            if len(keep) < len(batch.rows):
+                batch = batch.select(keep)
+                chosen = chosen[torch.tensor(keep, device=chosen.device)]
+            batch.step(self, chosen)  # every live row has fresh logits again, so newcomers can merge in
+        return [(ids, done) for ids, done in zip(tokens, finished)], prompt_tokens
+
+    def _prefill(self, prompts: Sequence[str], rows: Sequence[int]) -> "_LiveBatch":
+        """Prefill `prompts` as one left-padded batch: a `_LiveBatch` holding their KV and first-token logits."""
+        from transformers import DynamicCache
+
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        mask = enc["attention_mask"]
+        cache = DynamicCache()
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = self._forward(enc["input_ids"], mask, positions, cache)[:, -1, :]
+        return _LiveBatch(list(rows), cache, mask, positions[:, -1:] + 1, logits)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         """One forward pass that fills `cache`, computing logits for the last position only."""
@@ -193,6 +215,73 @@ class HFModel:
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         return {i for i in ids if i is not None}
+
+
+class _LiveBatch:
+    """The rows decoding together: their KV cache, attention mask, next positions and last logits.
+
+    Rows are left-padded to a common length; merging pads the shorter side on the left (masked out), and
+    dropping rows crops the columns that are padding for every remaining row, so the cache never grows past
+    the longest live row.
+    """
+
+    def __init__(self, rows: list[int], cache, mask, next_position, logits):
+        self.rows, self.cache, self.mask, self.next_position, self.logits = rows, cache, mask, next_position, logits
+
+    def step(self, model: HFModel, chosen) -> None:
+        """One decode step: feed each row's chosen token, keep the logits of the next one."""
+        self.mask = _cat_ones(self.mask)
+        self.logits = model._forward(chosen[:, None], self.mask, self.next_position, self.cache)[:, -1, :]
+        self.next_position = self.next_position + 1
+
+    def select(self, keep: list[int]) -> "_LiveBatch":
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        mask = self.mask[index]
+        lead = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding in every remaining row
+        cache = self.cache
+        if lead:
+            mask = mask[:, lead:]
+            cache = _rebuild(self.cache, lambda t: t[:, :, lead:, :])
+        return _LiveBatch([self.rows[j] for j in keep], cache, mask, self.next_position[index], self.logits[index])
+
+    def merge(self, other: "_LiveBatch") -> "_LiveBatch":
+        import torch
+        import torch.nn.functional as F
+
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(b: "_LiveBatch"):
+            pad = length - b.mask.shape[1]
+            return F.pad(b.mask, (pad, 0)), [(F.pad(k, (0, 0, pad, 0)), F.pad(v, (0, 0, pad, 0)))
+                                             for k, v in _layers(b.cache)]
+
+        mask_a, kv_a = left_pad(self)
+        mask_b, kv_b = left_pad(other)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(torch.cat([ka, kb]), torch.cat([va, vb]))
+                                             for (ka, va), (kb, vb) in zip(kv_a, kv_b)])
+        return _LiveBatch(self.rows + other.rows, cache, torch.cat([mask_a, mask_b]),
+                          torch.cat([self.next_position, other.next_position]), torch.cat([self.logits, other.logits]))
+
+
+def _layers(cache) -> list[tuple]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _rebuild(cache, fn):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v in _layers(cache)])
+
+
+def _cat_ones(mask):
+    import torch
+
+    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
 
 
 def use_skinny_linears(model) -> int:

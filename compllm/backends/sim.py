@@ -19,9 +19,9 @@ extra streams never pretend to be extra GPUs; loads/evicts use the host link and
 
 Lower bound = max(critical path, bytes read / bandwidth):
 - critical path: the longest chain of simulated step durations through the deps (infinite streams);
-- bytes read, per generate step: its model's weights once per decode step (decode steps = the longest
-  output of the batch: every step of a batched decode reads all weights once), plus the batch's KV cache
-  once (b x (longest prompt + longest output) x KV bytes/token, as allocated). Attention re-reads the
+- bytes read, per generate step: its model's weights once per decode step (every step of a batched decode
+  reads all weights once; `CostModel.decode_steps` counts them, continuous refill included), plus the
+  call's KV cache once (live rows x (longest prompt + longest output) x KV bytes/token, as allocated). Attention re-reads the
   growing cache at every decode step, but the cost model's decode time has no term for those re-reads
   (only the `batch_alpha` surcharge), so counting them would let the "bound" exceed the very durations it
   bounds; they are reported separately (`kv_reread_bytes`). Prefill is compute bound in the cost model,
@@ -133,10 +133,12 @@ def _step_cost(s: Step, plan: Plan, cost: CostModel) -> tuple[float, int, int, i
         return s.est_s, s.bytes, s.bytes, 0
     tokens = [cost.node_tokens(graph.nodes[n], graph) for n in s.nodes]
     mc = cost.cost(s.model)
-    kv = cost.batch_kv_bytes(s.model, tokens)
+    slots = s.slots or None
+    kv = cost.batch_kv_bytes(s.model, tokens, slots)
+    steps = cost.decode_steps(tokens, slots)
     prompt, out = max((p for p, _ in tokens), default=0), max((o for _, o in tokens), default=0)
     reread = len(tokens) * mc.kv_bytes_per_token * (out * prompt + out * (out - 1) // 2)  # step t: prompt+t-1
-    return cost.batch_seconds(s.model, tokens), kv, mc.weight_bytes * out + kv, reread
+    return cost.batch_seconds(s.model, tokens, slots), kv, mc.weight_bytes * steps + kv, reread
 
 
 def simulate(plan: Plan, cost: CostModel, *, bandwidth_Bps: Optional[float] = None,

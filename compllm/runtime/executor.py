@@ -114,7 +114,7 @@ class _Run:
                     runnable.append((node, res))
             requests = [self.ctx.request(self.graph, node, self.results) for node, _ in runnable]
         if requests:
-            outcomes = self.ctx.generate(step.model, requests, step.id)
+            outcomes = self.ctx.generate(step.model, requests, step.id, step.slots)
             with self.lock:
                 end = self.ctx.now()
                 for (node, res), request, outcome in zip(runnable, requests, outcomes):
