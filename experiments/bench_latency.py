@@ -10,7 +10,9 @@ executes the identical graph on the identical loaded weights: only scheduling di
 Measured per policy and repeat: wall time of executing the whole batch, each query's latency (execute
 start -> its final answer). Reported: medians over repeats, speedups vs sequential from the same run, the
 critical-path lower bound from measured node times (the longest dependency chain of sequential node
-times: what infinite parallelism without batching could reach), and answer agreement between policies.
+times: what infinite parallelism without batching could reach), the work bound (every prompt and output
+token at the best measured kernel speed: what this machine must compute at least), and answer agreement
+between policies.
 Writes experiments/results/bench_latency.json (after every measurement, so a killed run keeps its data)
 and bench_latency.md.
 """
@@ -59,6 +61,30 @@ def critical_path(graph, node_seconds: dict[str, float]) -> float:
     return max(finish.values(), default=0.0)
 
 
+def best_kernels(pipeline, plan) -> dict:
+    """The fastest measured kernels of the (single) expert model: seconds per prompt token, and per row and
+    decode step at the batch size where that is cheapest (from its calibration; roofline if uncalibrated)."""
+    from compllm.costing import build_cost_model
+    from compllm.runtime.context import AGGREGATOR
+
+    cost = build_cost_model(pipeline.pool, pipeline.experts, pipeline.aggregator.model, pipeline.cache_dir,
+                            AGGREGATOR, False)
+    (model,) = {s.model for s in plan.steps if s.nodes}
+    mc = cost.cost(model)
+    table = {int(b): float(v) for b, v in (mc.decode_step_s_by_batch or {"1": mc.decode_s_per_token}).items()}
+    batch = min(table, key=lambda b: table[b] / b)
+    return {"model": model, "prefill_s_per_token": mc.prefill_s_per_token,
+            "decode_s_per_row_step": table[batch] / batch, "at_batch": batch}
+
+
+def work_bound(run: dict, kernels: dict, compiled_away: list[str]) -> float:
+    """Seconds the machine must compute at least: every prompt token at the best prefill speed and every
+    output token at the best per-row decode cost (nodes the compiler removed excluded)."""
+    skip = set(compiled_away)
+    return sum(p * kernels["prefill_s_per_token"] + o * kernels["decode_s_per_row_step"]
+               for nid, (p, o) in run["tokens"].items() if nid not in skip)
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -92,6 +118,7 @@ def main() -> None:
     decompositions = [Decomposition(text, tuple(subs), False) for text, subs in items]
     graph = pipeline.build(decompositions, pipeline.route(decompositions))
     plan = pipeline.compile(graph)
+    kernels = best_kernels(pipeline, plan)
     policies = {name: instantiate({k: v for k, v in dict(compose([f"policy={name}"]).policy).items() if v is not None})
                 for name in args.policies}
 
@@ -102,6 +129,7 @@ def main() -> None:
         "plan": {"steps": len(plan.steps), "generate_steps": sum(1 for s in plan.steps if s.nodes),
                  "deduped": len(plan.aliases)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "kernels": kernels, "compiled_away": sorted(plan.aliases),
         "runs": [],
     }
     total = args.repeats * len(policies)
@@ -118,6 +146,7 @@ def main() -> None:
                 record["runs"].append({
                     "repeat": rep, "policy": name, "wall_s": wall, "latency_s": latency,
                     "node_s": {nid: r.end - r.start for nid, r in results.items()},
+                    "tokens": {nid: [r.prompt_tokens, r.output_tokens] for nid, r in results.items()},
                     "answers": {nid: r.answer for nid, r in results.items()},
                     "failed": [nid for nid, r in results.items() if not r.ok],
                 })
@@ -138,6 +167,14 @@ def summarize(record: dict, graph) -> dict:
     seq = by_policy.get("sequential", [])
     # Critical-path bound: each node at its measured sequential (batch-1) duration, infinite parallelism.
     bound = statistics.median(critical_path(graph, r["node_s"]) for r in seq) if seq else None
+    # Machine bound: the critical path assumes unlimited parallel compute; on this machine the work itself,
+    # at the best measured kernel speeds, takes at least `work` (the same answers, so the same tokens).
+    work = statistics.median(work_bound(r, record["kernels"], record["compiled_away"]) for r in seq) \
+        if seq and "kernels" in record else None
+    machine = max(bound, work) if bound is not None and work is not None else None
+    if work is not None and any(r["wall_s"] < work for r in runs):
+        print(f"warning: a run took less than the work bound ({work:.1f} s): this machine's calibration is slower "
+              "than its kernels; rerun `compllm task=calibrate` on a quiet machine", file=sys.stderr)
     rows, stats = [], {}
     for name, rs in by_policy.items():
         wall = statistics.median(r["wall_s"] for r in rs)
@@ -152,14 +189,21 @@ def summarize(record: dict, graph) -> dict:
         s["speedup_wall"] = base["wall_s"] / s["wall_s"] if base else None
         s["speedup_latency"] = base["median_query_latency_s"] / s["median_query_latency_s"] if base else None
         s["vs_critical_path"] = s["wall_s"] / bound if bound else None
+        s["vs_machine_bound"] = s["wall_s"] / machine if machine else None
         rows.append(f"| {name} | {s['wall_s']:.1f} | {s['median_query_latency_s']:.1f} | "
                     f"{s['speedup_wall']:.2f}x | {s['speedup_latency']:.2f}x | "
-                    f"{(s['vs_critical_path'] or 0):.2f} | {agree:.0%} |")
+                    f"{(s['vs_critical_path'] or 0):.2f} | {(s['vs_machine_bound'] or 0):.2f} | {agree:.0%} |")
+    kernels = record.get("kernels")
+    work_note = (f"; work bound {work:.1f} s (prompt tokens x {kernels['prefill_s_per_token'] * 1e3:.1f} ms + "
+                 f"output tokens x {kernels['decode_s_per_row_step'] * 1e3:.1f} ms, the best measured per-row "
+                 f"decode step, at batch {kernels['at_batch']})") if work is not None else ""
     head = (f"{record['queries']} queries, {record['nodes']} nodes, model {record['model']}, "
-            f"median of {record['repeats']} repeats; critical-path bound {bound:.1f} s\n\n"
+            f"median of {record['repeats']} repeats; critical-path bound {bound:.1f} s{work_note}\n\n"
             "| policy | batch wall s | median query latency s | speedup (wall) | speedup (latency) | "
-            "wall / critical path | answers = sequential |\n|---|---|---|---|---|---|---|")
-    return {"policies": stats, "critical_path_bound_s": bound, "table": head + "\n" + "\n".join(rows)}
+            "wall / critical path | wall / max(critical path, work) | answers = sequential |\n"
+            "|---|---|---|---|---|---|---|---|")
+    return {"policies": stats, "critical_path_bound_s": bound, "work_bound_s": work, "machine_bound_s": machine,
+            "table": head + "\n" + "\n".join(rows)}
 
 
 if __name__ == "__main__":

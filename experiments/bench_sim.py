@@ -70,14 +70,16 @@ CONFIGS = [
     Config("no level_schedule", {"disabled": ["level_schedule"]}),
     Config("2 streams", {"streams": 2}),
     Config("batch 32", {"max_batch_size": 32}),
+    Config("no refill", {"max_call_size": None}),
     Config("alpha 0.1", cost={"batch_alpha": 0.1}),
     Config("slow loads 2 GB/s", cost={"load_bytes_per_s": 2e9}),
 ]
 
 
 def breakdown(plan, cm: CostModel) -> dict[str, float]:
-    """Generate seconds the bytes term does not see: call overhead, prefill, and the batch surcharge
-    (decode_s x batch_alpha x (b - 1) per decode step), next to the KV re-reads that surcharge stands for."""
+    """Generate seconds the bytes term does not see: call overhead, (left-padded) prefill, and the batch
+    surcharge (decode_s x batch_alpha x (live rows - 1) per decode step), next to the KV re-reads that
+    surcharge stands for. Phase by phase, as `CostModel.batch_seconds` prices a call."""
     out = {"overhead_s": 0.0, "prefill_s": 0.0, "surcharge_s": 0.0}
     for s in plan.steps:
         if s.kind.value != "generate":
@@ -85,8 +87,10 @@ def breakdown(plan, cm: CostModel) -> dict[str, float]:
         tokens = [cm.node_tokens(plan.graph.nodes[n], plan.graph) for n in s.nodes]
         mc = cm.cost(s.model)
         out["overhead_s"] += mc.call_overhead_s
-        out["prefill_s"] += sum(p for p, _ in tokens) * mc.prefill_s_per_token
-        out["surcharge_s"] += max(o for _, o in tokens) * mc.decode_s_per_token * cm.batch_alpha * (len(tokens) - 1)
+        for group, steps, live in cm.call_phases(tokens, s.slots or None):
+            if group:
+                out["prefill_s"] += len(group) * max(p for p, _ in group) * mc.prefill_s_per_token
+            out["surcharge_s"] += steps * (cm.decode_step_seconds(s.model, live) - mc.decode_s_per_token)
     return out
 
 
