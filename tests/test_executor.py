@@ -22,11 +22,13 @@ class EchoModel:
     def __init__(self, name, delay=0.0, fail_on=None):
         self.name, self.stats, self.delay, self.fail_on = name, ModelStats(), delay, fail_on
         self.batches: list[int] = []
+        self.live_caps: list[int | None] = []  # max_live_rows of each call
         self.lock = threading.Lock()
 
     def generate(self, requests, max_live_rows=None):
         with self.lock:
             self.batches.append(len(requests))
+            self.live_caps.append(max_live_rows)
         time.sleep(self.delay)
         out = []
         for r in requests:
@@ -119,6 +121,20 @@ def test_eager_dataflow_overlaps_independent_models():
     trace = chrome_trace("compiled", results.values(), policy.step_records)
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert {e["pid"] for e in xs} == {1, 2} and all(e["dur"] >= 0 for e in xs)
+
+
+def test_refilled_calls_reach_the_backend_with_the_plans_row_cap():
+    """The compiler decides how many rows decode at once; the executor hands exactly that to the backend."""
+    pool = Pool({"small": EchoModel("small"), "big": EchoModel("big")})
+    policy = PlanExecutor()
+    results, plan = run(policy, workload(), pool, CompilerConfig(max_batch_size=1, max_call_size=8))
+    refilled = [s for s in plan.steps if s.slots]
+    assert refilled and all(s.slots == 1 and len(s.nodes) > 1 for s in refilled)
+    caps = pool.models["small"].live_caps + pool.models["big"].live_caps
+    assert caps.count(1) == len(refilled) and set(caps) <= {1, None}
+    assert all(r.ok for r in results.values())
+    names = [e["name"] for e in chrome_trace("compiled", results.values(), policy.step_records)["traceEvents"]]
+    assert sum("(1 at a time)" in n for n in names) == len(refilled)
 
 
 def test_failed_batch_skips_dependents_and_aggregates_anyway():

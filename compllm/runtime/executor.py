@@ -94,7 +94,7 @@ class _Run:
         finally:
             with self.lock:
                 self.records.append(StepRecord(step.id, step.kind.value, step.model, step.stream, start,
-                                               self.ctx.now(), step.nodes))
+                                               self.ctx.now(), step.nodes, step.slots))
             self.done[step.id].set()
 
     def _generate(self, step: Step) -> None:

@@ -22,6 +22,7 @@ class StepRecord:
     start: float  # seconds since the run started
     end: float
     nodes: Sequence[str] = ()
+    slots: int = 0  # generate: rows decoding at once when the call refills (0: all at once)
 
 
 def _event(name: str, cat: str, pid: int, tid: int, start: float, end: float, args: dict) -> dict:
@@ -39,8 +40,10 @@ def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepR
     for stream in sorted({s.stream for s in steps}):
         events.append(_thread_name(1, stream, f"stream {stream}"))
     for s in steps:
-        events.append(_event(f"{s.kind} {s.model}" + (f" x{len(s.nodes)}" if s.nodes else ""), s.kind, 1, s.stream,
-                             s.start, s.end, {"step": s.step_id, "nodes": list(s.nodes)}))
+        name = f"{s.kind} {s.model}" + (f" x{len(s.nodes)}" if s.nodes else "") + \
+            (f" ({s.slots} at a time)" if s.slots else "")
+        events.append(_event(name, s.kind, 1, s.stream, s.start, s.end,
+                             {"step": s.step_id, "nodes": list(s.nodes), **({"slots": s.slots} if s.slots else {})}))
     queries: dict[str, int] = {}
     for r in nodes:
         tid = queries.setdefault(r.query_id, len(queries))
