@@ -21,8 +21,8 @@ def admit_rows(free: int, pending: int, live: int) -> int:
     """How many waiting rows join a running batch now (shared by the hf backend and the cost model).
 
     All that fit when nothing is live; otherwise only once at least half the slots (or all the waiting rows) can
-    join: every join is a prefill, and a prefill of a few rows is far cheaper per token than one row at a time
-    on CPU (Qwen2.5-0.5B, ~100-token prompts: 14 ms per token alone, 7.6 ms at 8 rows).
+    join: every join is a prefill, and on CPU a prefill of several rows costs less per token than one row at a
+    time (`experiments/bench_prefill.py`).
     """
     if pending <= 0 or free <= 0:
         return 0
@@ -201,7 +201,7 @@ class CostModel:
 
     def decode_steps(self, tokens: Sequence[tuple[int, int]], slots: Optional[int] = None) -> int:
         """Decode steps (forward passes that read all weights) of one generate call."""
-        return sum(steps for _, steps, _ in self.call_phases(tokens, slots)) if tokens else 0
+        return sum(steps for _, steps, _ in self.call_phases(tokens, slots))
 
     def load_seconds(self, alias: str) -> float:
         mc = self.cost(alias)

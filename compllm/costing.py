@@ -102,25 +102,18 @@ BATCH_SIZES = (1, 2, 3, 4, 6, 8)
 
 def _time_generate(model, ids, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, seconds of `new_tokens` decode steps) for one batch of prompts `ids`, both timed
-    directly on the backend's own forward path (weight-major kernel included).
+    directly on the backend's own prefill and decode step (weight-major kernel included).
 
     Not "generate minus a separate prefill": that difference of two noisy timings went negative on a
     bf16 model whose prefill dominates, and the minimum over rounds then kept a decode step of 0 s."""
     import torch
-    from transformers import DynamicCache
 
-    mask = torch.ones_like(ids)
-    positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    cache = DynamicCache()
     start = time.perf_counter()
-    logits = model._forward(ids, mask, positions, cache)
+    batch = model.prefill_ids(ids, torch.ones_like(ids), range(ids.shape[0]))
     prefill = time.perf_counter() - start
-    next_position = positions[:, -1:] + 1
     start = time.perf_counter()
     for _ in range(new_tokens):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model._forward(logits[:, -1, :].argmax(-1, keepdim=True), mask, next_position, cache)
-        next_position = next_position + 1
+        batch.step(model, batch.logits.argmax(-1))
     return prefill, time.perf_counter() - start
 
 

@@ -40,9 +40,9 @@ class ModelStats:
 class Backend(Protocol):
     """One loaded model. `generate` is greedy and deterministic for a given batch.
 
-    `max_live_rows` (passed only when a plan step caps it below the number of requests): at most that many
-    rows decode at once, the others join as rows finish. Backends without continuous refill may ignore it:
-    it changes speed and memory, never answers."""
+    `max_live_rows` (a plan step's slots; None: all at once): at most that many rows decode at once, the
+    others join as rows finish. Backends without continuous refill may ignore it: it changes speed and
+    memory, never answers."""
 
     name: str
     stats: ModelStats

@@ -92,8 +92,7 @@ class FaultyModel:
             raise InjectedOutOfMemory(f"CUDA out of memory (injected into {self.inner.name})")
         if kind == "hang":
             time.sleep(self.settings.hang_s)
-        generations = list(self.inner.generate(requests) if max_live_rows is None
-                           else self.inner.generate(requests, max_live_rows=max_live_rows))
+        generations = list(self.inner.generate(requests, max_live_rows=max_live_rows))
         with self._lock:
             self.injected["empty"] += sum(blanks[: len(generations)])
         return [replace(g, text="", output_tokens=0) if blank else g for g, blank in zip(generations, blanks)]

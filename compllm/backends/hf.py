@@ -182,13 +182,16 @@ class HFModel:
 
     def _prefill(self, prompts: Sequence[str], rows: Sequence[int]) -> "_LiveBatch":
         """Prefill `prompts` as one left-padded batch: a `_LiveBatch` holding their KV and first-token logits."""
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        return self.prefill_ids(enc["input_ids"], enc["attention_mask"], rows)
+
+    def prefill_ids(self, input_ids, mask, rows: Sequence[int]) -> "_LiveBatch":
+        """Prefill token ids (left-padded, `mask` 0 on padding); also what calibration times."""
         from transformers import DynamicCache
 
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        mask = enc["attention_mask"]
         cache = DynamicCache()
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        logits = self._forward(enc["input_ids"], mask, positions, cache)[:, -1, :]
+        logits = self._forward(input_ids, mask, positions, cache)[:, -1, :]
         return _LiveBatch(list(rows), cache, mask, positions[:, -1:] + 1, logits)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
@@ -230,7 +233,9 @@ class _LiveBatch:
 
     def step(self, model: HFModel, chosen) -> None:
         """One decode step: feed each row's chosen token, keep the logits of the next one."""
-        self.mask = _cat_ones(self.mask)
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.logits = model._forward(chosen[:, None], self.mask, self.next_position, self.cache)[:, -1, :]
         self.next_position = self.next_position + 1
 
@@ -250,6 +255,7 @@ class _LiveBatch:
     def merge(self, other: "_LiveBatch") -> "_LiveBatch":
         import torch
         import torch.nn.functional as F
+        from transformers import DynamicCache
 
         length = max(self.mask.shape[1], other.mask.shape[1])
 
@@ -260,8 +266,6 @@ class _LiveBatch:
 
         mask_a, kv_a = left_pad(self)
         mask_b, kv_b = left_pad(other)
-        from transformers import DynamicCache
-
         cache = DynamicCache(ddp_cache_data=[(torch.cat([ka, kb]), torch.cat([va, vb]))
                                              for (ka, va), (kb, vb) in zip(kv_a, kv_b)])
         return _LiveBatch(self.rows + other.rows, cache, torch.cat([mask_a, mask_b]),
@@ -276,12 +280,6 @@ def _rebuild(cache, fn):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v in _layers(cache)])
-
-
-def _cat_ones(mask):
-    import torch
-
-    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
 
 
 def use_skinny_linears(model) -> int:

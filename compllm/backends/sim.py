@@ -21,11 +21,11 @@ Lower bound = max(critical path, bytes read / bandwidth):
 - critical path: the longest chain of simulated step durations through the deps (infinite streams);
 - bytes read, per generate step: its model's weights once per decode step (every step of a batched decode
   reads all weights once; `CostModel.decode_steps` counts them, continuous refill included), plus the
-  call's KV cache once (live rows x (longest prompt + longest output) x KV bytes/token, as allocated). Attention re-reads the
-  growing cache at every decode step, but the cost model's decode time has no term for those re-reads
-  (only the `batch_alpha` surcharge), so counting them would let the "bound" exceed the very durations it
-  bounds; they are reported separately (`kv_reread_bytes`). Prefill is compute bound in the cost model,
-  so its weight read is not counted either. Loads are host->device traffic, not HBM reads.
+  call's KV cache once (live rows x (longest prompt + longest output) x KV bytes/token, as allocated).
+  Attention re-reads the growing cache at every decode step, but the cost model's decode time has no term
+  for those re-reads (only the `batch_alpha` surcharge), so counting them would let the "bound" exceed the
+  very durations it bounds; they are reported separately (`kv_reread_bytes`). Prefill is compute bound in the
+  cost model, so its weight read is not counted either. Loads are host->device traffic, not HBM reads.
   With `shared_device=False` the bytes term is divided by the number of compute streams used.
 The bound holds whenever the cost model is physically consistent with the bandwidth (every generate's
 time >= its bytes / bandwidth, true of roofline costs at that bandwidth); `steps_faster_than_bandwidth`

@@ -29,13 +29,8 @@ class ExecutionContext:
         """One (batched) model call under the retry/timeout policy: one outcome per request, never an exception
         for a recoverable fault (errors, timeouts, out-of-memory, empty text). `slots` (from the plan): at most
         that many rows decode at once, the rest join as rows finish; 0 = all at once."""
-        def call(batch: list[GenerationRequest]):
-            backend = self.pool.get(model)
-            if 0 < slots < len(batch):
-                return backend.generate(batch, max_live_rows=slots)
-            return backend.generate(batch)
-
-        return generate_with_retry(call, requests, self.retry, what)
+        return generate_with_retry(lambda batch: self.pool.get(model).generate(batch, max_live_rows=slots or None),
+                                   requests, self.retry, what)
 
     @staticmethod
     def record(res: NodeResult, outcome: CallOutcome) -> None:
