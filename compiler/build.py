@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from graphlib import CycleError as _GraphlibCycle
 from graphlib import TopologicalSorter
 
-from compiler.ir import REFERENCE, AnswerType, Graph, Node, NodeKind, Provenance, Query
+from compiler.ir import REFERENCE, AnswerType, Graph, HostOp, Node, NodeKind, Provenance, Query
 from compiler.verify import CycleError, GraphError
 
 _HASH_REF = re.compile(r"#(\d+)\b")
@@ -25,6 +26,13 @@ class BuildLimits:
 
     max_subqueries: int = 64
     max_chars: int = 20_000  # per text: the query and each sub-query
+
+
+class FinalAnswer(str, Enum):
+    """How a query's final answer (its aggregate node) is made; decided here, so the plan knows every call."""
+
+    join = "join"  # the answers of the parts nothing else reads, unchanged and in order; no model call
+    model = "model"  # the aggregator model writes it from every part's answer
 
 
 class BuildError(GraphError):
@@ -42,7 +50,7 @@ class RoutedSubQuery:
     answer_type: str = "text"
     route_score: float | None = None
     routed_by: str = "router"
-    max_new_tokens: int = 0
+    max_new_tokens: int | None = None  # None: unknown (the cost model's default output length)
 
 
 def node_id(query_id: str, index: int | str) -> str:
@@ -55,11 +63,15 @@ def add_query(
     text: str,
     subqueries: list[RoutedSubQuery],
     aggregator_expert: str,
-    aggregator_max_new_tokens: int = 0,
+    aggregator_max_new_tokens: int | None = None,
     limits: BuildLimits = BuildLimits(),
-    aggregate_as: AnswerType = AnswerType.TEXT,
+    final: FinalAnswer = FinalAnswer.join,
 ) -> Query:
     """Append one query's nodes to `graph`; `#k` in a sub-query becomes the reference `{#k}`.
+
+    The aggregate sink reads every part when a model writes the final answer (`FinalAnswer.model`); a joined
+    final answer reads only the parts no other part reads (the answers a chain of steps leads to), and is a
+    host node: no model call, nothing for the aggregator to invent or drop.
 
     Raises BuildError (or CycleError) without changing `graph` when the input is invalid or over `limits`.
     """
@@ -85,18 +97,18 @@ def add_query(
             )
         )
     sink = node_id(query_id, "agg")
+    joined = final is FinalAnswer.join
+    read = {d for sq in subqueries for d in sq.depends_on} if joined else set()
     graph.add(
         Node(
             id=sink,
             kind=NodeKind.AGGREGATE,
             template=_literal(text),
             expert=aggregator_expert,
-            inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries},
+            inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries if sq.index not in read},
             est_prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
-            # LIST: the final answer is the sub-answers in order (no model call), for queries that numbered
-            # their own questions; TEXT: the aggregator model synthesizes it.
-            answer_type=aggregate_as,
-            est_output_tokens=0 if aggregate_as is AnswerType.LIST else aggregator_max_new_tokens,
+            est_output_tokens=0 if joined else aggregator_max_new_tokens,
+            host=HostOp.JOIN if joined else None,
             provenance=Provenance(query_id, None, None, "aggregator"),
         )
     )
@@ -141,8 +153,9 @@ def _check(graph: Graph, query_id: str, text: str, subqueries: list[RoutedSubQue
         _check_text(label, sq.text, limits)
         if not isinstance(sq.expert, str) or not sq.expert.strip():
             raise BuildError(f"{label}: expert {sq.expert!r} must be a non-empty name")
-        if isinstance(sq.max_new_tokens, bool) or not isinstance(sq.max_new_tokens, int) or sq.max_new_tokens < 0:
-            raise BuildError(f"{label}: max_new_tokens {sq.max_new_tokens!r} must be an integer >= 0")
+        tokens = sq.max_new_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise BuildError(f"{label}: max_new_tokens {tokens!r} must be an integer >= 0 or None")
         for dep in sq.depends_on:
             if isinstance(dep, bool) or not isinstance(dep, int) or dep not in known:
                 raise BuildError(f"{label} depends on {dep!r}, which is not a sub-query of this query "

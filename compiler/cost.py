@@ -1,8 +1,9 @@
-"""The memory/latency cost model: what passes decide with, what the `sim` backend simulates.
+"""The memory/latency cost model: what passes decide with, what the simulator (`compiler.simulate`) replays.
 
-Numbers come from a calibration file (`CostModel.from_calibration`, written by a later
-`compllm task=calibrate`) or from a roofline estimate (`ModelCost.roofline`). Kept deliberately
-simple and documented, so a benchmark can check it against measurement and say where it is off.
+Numbers come from calibration (`compllm task=calibrate`, or automatically on a model's first run) or from a
+roofline estimate (`ModelCost.roofline`). Kept deliberately simple and documented, so a benchmark can check it
+against measurement and say where it is off. Memory is the process's: the runtime's base, each resident
+model's weights in their compute dtype, a load's transient, and each running call's KV and prefill workspace.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ class ModelCost:
     # Real kernels are not linear in batch size (fp32 on a 2-core CPU: F.linear's step grows 2.5x from batch 1
     # to 8, the weight-major kernel's 2x), so where measured this replaces the batch_alpha formula.
     decode_step_s_by_batch: Optional[Mapping[str, float]] = None
+    # Memory beyond the weights, so the plan's peak is what the process really holds:
+    load_extra_bytes: int = 0  # held only while loading (e.g. the on-disk copy mapped while weights convert)
+    workspace_bytes_per_token: float = 0.0  # activations of a prefill, per prompt token it computes at once
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,14 +115,16 @@ class CostModel:
     default_output_tokens: int = 64  # used when a node carries no output-token estimate
     prompt_overhead_tokens: int = 0  # system prompt + chat template tokens added to every call
     load_bytes_per_s: float = 2e9  # disk/host -> device bandwidth for loads without a measured load_s
+    base_bytes: int = 0  # what the process holds before any model loads (runtime, imports, router embedder)
 
     def __post_init__(self) -> None:
         for expert, alias in self.expert_model.items():
             if alias not in self.models:
                 raise ConfigError(f"expert {expert!r} runs on model {alias!r}, which the cost model does not know; "
                                   f"known models: {', '.join(sorted(self.models)) or '(none)'}")
-        if self.batch_alpha < 0 or self.load_bytes_per_s <= 0 or self.default_output_tokens < 0:
-            raise ConfigError("CostModel: batch_alpha and default_output_tokens must be >= 0, load_bytes_per_s > 0")
+        if self.batch_alpha < 0 or self.load_bytes_per_s <= 0 or self.default_output_tokens < 0 or self.base_bytes < 0:
+            raise ConfigError("CostModel: batch_alpha, default_output_tokens and base_bytes must be >= 0, "
+                              "load_bytes_per_s > 0")
 
     # --- lookups -------------------------------------------------------------------------------
     def model_of(self, node: Node) -> str:
@@ -136,7 +142,10 @@ class CostModel:
 
     # --- tokens and memory ---------------------------------------------------------------------
     def output_tokens(self, node: Node) -> int:
-        return node.est_output_tokens or self.default_output_tokens
+        """Tokens the node's call writes: 0 for a host node, the default when the estimate is unknown."""
+        if node.host is not None:
+            return 0
+        return self.default_output_tokens if node.est_output_tokens is None else node.est_output_tokens
 
     def node_tokens(self, node: Node, graph: Graph | None = None) -> tuple[int, int]:
         """(prompt, output) tokens. Parents' answers are pasted into the prompt, so they count as prompt."""
@@ -159,6 +168,20 @@ class CostModel:
         longest = max(p for p, _ in tokens) + max(o for _, o in tokens)
         rows = len(tokens) if slots is None else min(slots, len(tokens))
         return rows * longest * self.cost(alias).kv_bytes_per_token
+
+    def batch_workspace_bytes(self, alias: str, tokens: Sequence[tuple[int, int]],
+                              slots: Optional[int] = None) -> int:
+        """Activation scratch of a call's largest prefill, bounded above: at most `slots` rows join at once, each
+        padded to the call's longest prompt."""
+        per_token = self.cost(alias).workspace_bytes_per_token
+        if not tokens or not per_token:
+            return 0
+        rows = len(tokens) if slots is None else min(slots, len(tokens))
+        return int(rows * max(p for p, _ in tokens) * per_token)
+
+    def batch_bytes(self, alias: str, tokens: Sequence[tuple[int, int]], slots: Optional[int] = None) -> int:
+        """Memory one generate call holds on top of its model's weights: KV plus prefill workspace."""
+        return self.batch_kv_bytes(alias, tokens, slots) + self.batch_workspace_bytes(alias, tokens, slots)
 
     # --- time ----------------------------------------------------------------------------------
     def decode_step_seconds(self, alias: str, batch_size: int) -> float:
@@ -216,6 +239,7 @@ class CostModel:
             "default_output_tokens": self.default_output_tokens,
             "prompt_overhead_tokens": self.prompt_overhead_tokens,
             "load_bytes_per_s": self.load_bytes_per_s,
+            "base_bytes": self.base_bytes,
             "models": {alias: asdict(mc) for alias, mc in self.models.items()},
             "experts": dict(self.expert_model),
         }
@@ -232,7 +256,7 @@ class CostModel:
         if not isinstance(models_raw, Mapping) or not isinstance(experts, Mapping):
             raise ConfigError("calibration needs a 'models' mapping (alias -> costs) and an 'experts' mapping "
                               "(expert -> alias)")
-        scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s"}
+        scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s", "base_bytes"}
         unknown = set(data) - scalars
         if unknown:
             raise ConfigError(f"unknown calibration keys: {', '.join(sorted(unknown))}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from compiler.ir import Graph
 from compiler.pass_manager import ir_text
-from compiler.plan import Plan
+from compiler.plan import Plan, StepKind
 
 
 def _gib(n: int) -> str:
@@ -19,12 +19,17 @@ def explain_text(before: Graph, plan: Plan) -> str:
             out += [f"== IR after {name}", text]
     out += ["== plan", plan.dump()]
     budget = "unlimited" if plan.memory_budget is None else _gib(plan.memory_budget)
+    calls = plan.count(StepKind.GENERATE)
+    hosts = plan.count(StepKind.HOST)
     out += [
         "== estimates (cost model)",
         f"  estimated span: {plan.estimated_span_s():.2f} s  (critical path {plan.critical_path_s():.2f} s)",
-        f"  planned peak memory: {_gib(plan.peak_planned_bytes)} of budget {budget}",
+        f"  model calls: {calls}; answered on the host without a call: {hosts}",
+        f"  planned peak memory: {_gib(plan.peak_planned_bytes)} of budget {budget} (runtime base "
+        f"{_gib(plan.base_bytes)})",
         f"  loads: {plan.loads}",
-        "== memory profile (resident bytes after each step)",
+        "== memory profile (bytes held after each step; the most held while it runs)",
     ]
-    out += [f"  {sid}: {_gib(b)}" for sid, b in plan.memory_profile()]
+    out += [f"  {sid}: {_gib(after)} (up to {_gib(during)})" if during > after else f"  {sid}: {_gib(after)}"
+            for sid, after, during in plan.memory_profile()]
     return "\n".join(out) + "\n"

@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cached_property
-from graphlib import TopologicalSorter
 from typing import Any, Iterator, Mapping
+
+#: The expert name aggregate nodes carry: their model is the aggregator's (reserved, no expert may use it).
+AGGREGATOR = "aggregator"
 
 #: `{#2}` in a node's template is filled with the answer of the node bound to "#2" in `Node.inputs`.
 REFERENCE = re.compile(r"\{(#[A-Za-z0-9_.:-]+)\}")
@@ -19,6 +21,12 @@ REFERENCE = re.compile(r"\{(#[A-Za-z0-9_.:-]+)\}")
 class NodeKind(str, Enum):
     SUBQUERY = "subquery"
     AGGREGATE = "aggregate"
+
+
+class HostOp(str, Enum):
+    """Work a node needs no model call for; the plan runs it as a zero-cost host step."""
+
+    JOIN = "join"  # the answers of the node's inputs, in input order (one input: that answer, unchanged)
 
 
 class AnswerType(str, Enum):
@@ -57,7 +65,7 @@ class Node:
     answer_type: AnswerType = AnswerType.TEXT
     accepts: frozenset[AnswerType] | None = None  # answer types this node can consume; None = any
     est_prompt_tokens: int = 0
-    est_output_tokens: int = 0
+    est_output_tokens: int | None = None  # None: unknown (the cost model's default); 0: no output at all
     provenance: Provenance | None = None
     # Set by the `fuse` pass: the original node ids this node answers for, in step order. The runtime asks
     # one model call for all of them and splits the answer back (see compiler.passes.fuse.split_answer).
@@ -66,6 +74,14 @@ class Node:
     # fused node `part_of` (its only parent). It needs no model call and is in no generate step; consumers
     # keep reading it by its original id, so their prompts do not change.
     part_of: str | None = None
+    # Set when the graph is built: the node is answered on the host, without a model call (e.g. a query's
+    # final answer that is its parts' answers joined). Passes never batch it; lowering emits a host step.
+    host: HostOp | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether a model call answers this node (host nodes and fused-chain parts need none of their own)."""
+        return self.host is None and self.part_of is None
 
     @cached_property  # computed once per (immutable) node: passes and the verifier ask for it a lot
     def parents(self) -> tuple[str, ...]:
@@ -129,18 +145,6 @@ class Graph:
             out.setdefault(parent, []).append(child)
         return out
 
-    def topo_order(self) -> list[str]:
-        """Deterministic topological order: ready nodes are taken in insertion order."""
-        position = {nid: i for i, nid in enumerate(self.nodes)}
-        sorter = TopologicalSorter({n.id: n.parents for n in self.nodes.values()})
-        sorter.prepare()
-        order: list[str] = []
-        while sorter.is_active():
-            ready = sorted(sorter.get_ready(), key=lambda nid: position.get(nid, len(position)))
-            order.extend(ready)
-            sorter.done(*ready)
-        return order
-
     def dump(self) -> str:
         """Stable, readable text form (one line per node), for humans and golden tests."""
         lines = []
@@ -153,6 +157,7 @@ class Graph:
                 + (f" inputs({ins})" if ins else "")
                 + (f" fused_from({', '.join(n.fused_from)})" if n.fused_from else "")
                 + (f" part_of({n.part_of})" if n.part_of else "")
+                + (f" host({n.host.value})" if n.host else "")
                 + f": {n.template!r}"
             )
         return "\n".join(lines)

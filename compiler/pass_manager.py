@@ -1,6 +1,9 @@
 """Runs an ordered pass pipeline named by config, checking the IR before it and after every pass.
 
-An invalid input raises the verifier's own error (the user's graph is wrong); an invariant broken
+Before anything runs, the pipeline is checked against the passes' contracts (`check_pipeline`): every pass's
+requirements must be provided by an earlier active pass and not invalidated since, and lowering's (a schedule
+and a residency plan) by the end; a pass that invalidates what an earlier pass provided is an ordering mistake.
+Each problem is one line naming both passes and the fix. An invalid input raises the verifier's own error (the user's graph is wrong); an invariant broken
 after a pass raises `PassError` naming that pass (the pass is wrong). A pass that left every node
 and query object in place (it only annotated) skips the IR re-check, which could not fail, but its
 own `check` still runs. Per-pass seconds are recorded
@@ -17,34 +20,72 @@ from typing import Iterable, Optional, Sequence, Union
 from compiler.config import PassContext
 from compiler.errors import CompileError, ConfigError, PassError
 from compiler.ir import Graph
-from compiler.passes import REGISTRY, Pass
+from compiler.passes import LOWERING_REQUIRES, REGISTRY, Pass
+from compiler.passes.registry import providers
 from compiler.verify import GraphError, verify
+
+
+class PipelineError(ConfigError):
+    """The pass pipeline is misordered or misses a prerequisite; the message names the passes and the fix."""
+
+
+def check_pipeline(passes: Sequence[Union[str, Pass]], disabled: Iterable[str] = (),
+                   then_requires: frozenset[str] = LOWERING_REQUIRES) -> list[Pass]:
+    """The active passes, in order, once the pipeline satisfies every contract; else `PipelineError`."""
+    resolved = [_resolve(p) for p in passes]
+    names = {p.name for p in resolved}
+    disabled = list(disabled)
+    for name in disabled:
+        _resolve(name)
+        if name not in names:
+            raise PipelineError(f"compiler.disabled names {name!r}, which is not in compiler.passes "
+                                f"({', '.join(names)})")
+    active = [p for p in resolved if p.name not in set(disabled)]
+    provided_by: dict[str, str] = {}  # annotation -> the pass that last provided it
+    for p in active:
+        _need(p.requires, provided_by, f"pass {p.name!r}", disabled)
+        for key in sorted(p.invalidates & set(provided_by)):
+            raise PipelineError(f"compiler.passes: {p.name!r} runs after {provided_by[key]!r} and invalidates its "
+                                f"{key!r}: put {p.name!r} before {provided_by[key]!r}")
+        for key in p.invalidates:
+            provided_by.pop(key, None)
+        provided_by.update({key: p.name for key in p.provides})
+    _need(then_requires, provided_by, "lowering", disabled)
+    return active
+
+
+def _need(required: frozenset[str], provided_by: dict[str, str], who: str, disabled: list[str]) -> None:
+    for key in sorted(required - set(provided_by)):
+        by = providers(key)
+        off = [name for name in by if name in disabled]
+        if off:
+            fix = (f"{off[0]!r} is disabled; to run every node alone set compiler.max_batch_size=1 "
+                   f"compiler.max_call_size=1 instead" if key == "batches" else f"enable {off[0]!r}")
+        else:
+            fix = f"add {' or '.join(map(repr, by)) or 'a pass that provides it'} before it"
+        raise PipelineError(f"compiler.passes: {who} needs {key!r}, which no earlier pass provides: {fix}")
+
+
+def _resolve(p: Union[str, Pass]) -> Pass:
+    if not isinstance(p, str):
+        return p
+    try:
+        return REGISTRY[p]
+    except KeyError:
+        raise PipelineError(f"unknown compiler pass {p!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
 class PassManager:
     def __init__(self, passes: Sequence[Union[str, Pass]], disabled: Iterable[str] = (),
-                 dump_dir: Optional[Union[str, Path]] = None, *, dump: bool = False, verify_each: bool = True):
-        self.passes: list[Pass] = [self._resolve(p) for p in passes]
-        self.disabled = set(disabled)
+                 dump_dir: Optional[Union[str, Path]] = None, *, dump: bool = False, verify_each: bool = True,
+                 then_requires: frozenset[str] = LOWERING_REQUIRES):
+        self.active: list[Pass] = check_pipeline(passes, disabled, then_requires)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.keep_dumps = dump or self.dump_dir is not None
         self.verify_each = verify_each
         self.timings: dict[str, float] = {}  # pass name -> seconds (pass body only)
         self.verify_seconds = 0.0
         self.dumps: list[tuple[str, str]] = []  # (pass name or "input", IR text after it)
-
-    @staticmethod
-    def _resolve(p: Union[str, Pass]) -> Pass:
-        if not isinstance(p, str):
-            return p
-        try:
-            return REGISTRY[p]
-        except KeyError:
-            raise ConfigError(f"unknown compiler pass {p!r}; known: {', '.join(sorted(REGISTRY))}") from None
-
-    @property
-    def active(self) -> list[Pass]:
-        return [p for p in self.passes if p.name not in self.disabled]
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         self.timings, self.verify_seconds, self.dumps = {}, 0.0, []
@@ -68,9 +109,8 @@ class PassManager:
         try:
             if not skip_ir:
                 verify(graph, ctx.known_experts)
-            check = getattr(after, "check", None)
-            if check is not None:
-                check(graph, ctx)
+            if after is not None and after.check is not None:
+                after.check(graph, ctx)
         except (GraphError, CompileError) as exc:
             if after is None:
                 raise  # the input graph is invalid: keep the verifier's own error and message

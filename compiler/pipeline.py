@@ -8,7 +8,7 @@ import gc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 from compiler.config import CompilerConfig, PassContext
 from compiler.cost import CostModel
@@ -29,23 +29,27 @@ class CompileReport:
     dumps: list[tuple[str, str]] = field(default_factory=list)  # (pass, IR text) when config.dump/dump_dir
 
 
-def compile(graph: Graph, cost_model: CostModel, config: Optional[CompilerConfig] = None) -> Plan:  # noqa: A001
-    """Verify, run the configured passes (verifying after each), lower to a Plan; `plan.report` has timings."""
+def compile(graph: Graph, cost_model: CostModel, config: Optional[CompilerConfig] = None,  # noqa: A001
+            resident: Iterable[str] = ()) -> Plan:
+    """Verify, run the configured passes (verifying after each), lower to a Plan and verify it; `plan.report`
+    has timings. `resident`: models already loaded when the plan starts (they need no load step)."""
     start = time.perf_counter()
     config = config if config is not None else CompilerConfig()
     config.validate()
-    ctx = PassContext.for_cost(cost_model, config)
+    ctx = PassContext.for_cost(cost_model, config, tuple(m for m in resident if m in cost_model.models))
     manager = PassManager(config.passes, config.disabled, config.dump_dir, dump=config.dump,
                           verify_each=config.verify)
     with _cyclic_gc_paused():
         compiled = manager.run(graph, ctx)
         lowered_at = time.perf_counter()
         plan = lower(compiled, ctx)
+        lowered = time.perf_counter()
+        if config.verify:
+            plan.verify(cost_model)
     end = time.perf_counter()
-    plan.report = CompileReport(dict(manager.timings), manager.verify_seconds, end - lowered_at, end - start,
-                                list(manager.dumps))
+    plan.report = CompileReport(dict(manager.timings), manager.verify_seconds + end - lowered, lowered - lowered_at,
+                                end - start, list(manager.dumps))
     return plan
-
 
 
 @contextmanager

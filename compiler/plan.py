@@ -1,9 +1,11 @@
-"""The Plan the runtime executes: a DAG of load / evict / generate steps.
+"""The Plan the runtime executes: a DAG of load / evict / generate / host steps.
 
 Contract with the executor: a step may start once all its `deps` are done (no level barriers);
 steps that share a `stream` run one at a time, in plan order. `steps` is listed in the planned order,
 which is a topological order of the DAG. The dependencies alone make any execution order respect
-the memory budget (see compiler/lower.py for why), so the executor never re-plans.
+the memory budget (see compiler/lower.py for why), so the executor never re-plans. Streams: generate
+steps use `0..streams-1` (one model's generates share one), loads and evicts use `io_stream`, host steps
+(answers that need no model call) use `host_stream`. `verify()` checks all of this (compiler/plan_verify.py).
 """
 from __future__ import annotations
 
@@ -15,25 +17,26 @@ from typing import Any, Optional
 from compiler.ir import Graph
 from compiler.serialize import graph_from_dict, graph_to_dict
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 class StepKind(str, Enum):
     LOAD = "load"
     EVICT = "evict"
     GENERATE = "generate"
+    HOST = "host"  # answer its nodes on the host from their parents' answers (Node.host), no model
 
 
 @dataclass(frozen=True)
 class Step:
-    id: str  # stable, readable: "load:m#0", "gen:m#3", "evict:m#0" (k-th step of that kind for that model)
+    id: str  # stable, readable: "load:m#0", "gen:m#3", "evict:m#0", "host:q0:agg"
     kind: StepKind
-    model: str
-    nodes: tuple[str, ...] = ()  # generate: the batch's node ids, in batch order
+    model: str  # "" for host steps
+    nodes: tuple[str, ...] = ()  # generate/host: the node ids it answers, in order
     deps: tuple[str, ...] = ()  # step ids that must finish before this one starts
-    stream: int = 0  # worker/stream; generates of one model always share one stream
+    stream: int = 0
     est_s: float = 0.0  # cost-model estimate of this step's duration
-    bytes: int = 0  # load/evict: the model's footprint; generate: the batch's KV bytes
+    bytes: int = 0  # load/evict: the model's footprint; generate: the call's KV + workspace
     slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,17 +54,28 @@ class Step:
 class Plan:
     steps: list[Step]
     memory_budget: Optional[int]
-    footprints: dict[str, int]  # model -> bytes it holds while resident (weights + largest batch KV)
-    streams: int = 1  # compute streams; loads/evicts use stream index `streams`
-    eviction: str = "belady"
+    footprints: dict[str, int]  # model -> bytes it holds while resident (weights + largest call)
+    streams: int = 1  # compute streams
+    residency: str = "belady"
     aliases: dict[str, str] = field(default_factory=dict)  # node deduped away -> node whose answer it takes
     graph: Optional[Graph] = None  # the compiled graph whose node ids the steps name
+    base_bytes: int = 0  # held by the process throughout (runtime, imports, router embedder)
+    load_extra: dict[str, int] = field(default_factory=dict)  # model -> bytes held only while it loads
+    initial: tuple[str, ...] = ()  # models resident when the plan starts (loaded earlier, no load step)
     report: Any = field(default=None, compare=False, repr=False)  # CompileReport: diagnostics, never serialized
+
+    @property
+    def io_stream(self) -> int:
+        return self.streams
+
+    @property
+    def host_stream(self) -> int:
+        return self.streams + 1
 
     # --- queries ----------------------------------------------------------------------------------
     def step_of_node(self) -> dict[str, str]:
-        """Node id -> the generate step that answers it (part nodes: their fused node's step)."""
-        out = {nid: s.id for s in self.steps if s.kind is StepKind.GENERATE for nid in s.nodes}
+        """Node id -> the step that answers it (part nodes: their fused node's step)."""
+        out = {nid: s.id for s in self.steps if s.kind in (StepKind.GENERATE, StepKind.HOST) for nid in s.nodes}
         if self.graph is not None:
             for node in self.graph:
                 if node.part_of is not None:
@@ -75,20 +89,25 @@ class Plan:
     def loads(self) -> int:
         return self.count(StepKind.LOAD)
 
-    def memory_profile(self) -> list[tuple[str, int]]:
-        """(step id, planned resident bytes after it), in plan order."""
-        resident, out = 0, []
+    def memory_profile(self) -> list[tuple[str, int, int]]:
+        """(step id, planned bytes held after it, the most held while it runs), in plan order. Both include the
+        runtime's base and the models resident from the start; a load also holds its transient while it runs."""
+        held = self.base_bytes + sum(self.footprints.get(m, 0) for m in self.initial)
+        out = []
         for s in self.steps:
+            during = held
             if s.kind is StepKind.LOAD:
-                resident += s.bytes
+                during = held + s.bytes + self.load_extra.get(s.model, 0)
+                held += s.bytes
             elif s.kind is StepKind.EVICT:
-                resident -= s.bytes
-            out.append((s.id, resident))
+                held -= s.bytes
+            out.append((s.id, held, max(during, held)))
         return out
 
     @property
     def peak_planned_bytes(self) -> int:
-        return max((b for _, b in self.memory_profile()), default=0)
+        start = self.base_bytes + sum(self.footprints.get(m, 0) for m in self.initial)
+        return max((during for _, _, during in self.memory_profile()), default=start)
 
     def critical_path_s(self) -> float:
         """Longest chain of estimated step times through the dependencies (infinite workers)."""
@@ -106,19 +125,31 @@ class Plan:
             finish[s.id] = free[s.stream] = start + s.est_s
         return max(finish.values(), default=0.0)
 
+    def verify(self, cost: Any = None, orders: int = 3) -> None:
+        """Raise `PlanError` unless the plan is complete, ordered and within budget in any execution order
+        (`orders` random ones besides plan order); with `cost`, also that each node runs on its own model."""
+        from compiler.plan_verify import verify_plan
+
+        verify_plan(self, cost, orders)
+
     # --- text and JSON ----------------------------------------------------------------------------
     def dump(self) -> str:
         """Readable, stable text: one line per step (for `explain` and golden tests)."""
         budget = "unlimited" if self.memory_budget is None else f"{self.memory_budget:,}"
         lines = [f"plan steps={len(self.steps)} loads={self.loads} budget={budget} peak={self.peak_planned_bytes:,} "
-                 f"eviction={self.eviction} streams={self.streams}"]
-        lines += [f"  footprint {m}={b:,}" for m, b in self.footprints.items()]
+                 f"residency={self.residency} streams={self.streams}"]
+        if self.base_bytes:
+            lines.append(f"  base {self.base_bytes:,}")
+        if self.initial:
+            lines.append(f"  resident at start: {', '.join(self.initial)}")
+        lines += [f"  footprint {m}={b:,}" + (f" (+{self.load_extra[m]:,} while loading)"
+                                              if self.load_extra.get(m) else "") for m, b in self.footprints.items()]
         lines += [f"  alias {a} -> {k}" for a, k in self.aliases.items()]
-        for (sid, resident), s in zip(self.memory_profile(), self.steps):
-            what = f"{s.kind.value} {s.model}" + (f" ({', '.join(s.nodes)})" if s.nodes else "")
+        for (sid, held, _), s in zip(self.memory_profile(), self.steps):
+            what = f"{s.kind.value} {s.model}".rstrip() + (f" ({', '.join(s.nodes)})" if s.nodes else "")
             what += f" {s.slots} at a time" if s.slots else ""
             deps = f" after {', '.join(s.deps)}" if s.deps else ""
-            lines.append(f"  [{s.stream}] {sid}: {what}{deps} | resident={resident:,}")
+            lines.append(f"  [{s.stream}] {sid}: {what}{deps} | held={held:,}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,8 +157,11 @@ class Plan:
             "version": PLAN_VERSION,
             "memory_budget": self.memory_budget,
             "streams": self.streams,
-            "eviction": self.eviction,
+            "residency": self.residency,
+            "base_bytes": self.base_bytes,
+            "initial": list(self.initial),
             "footprints": dict(self.footprints),
+            "load_extra": dict(self.load_extra),
             "aliases": dict(self.aliases),
             "steps": [s.to_dict() for s in self.steps],
             "graph": None if self.graph is None else graph_to_dict(self.graph),
@@ -146,9 +180,12 @@ class Plan:
             memory_budget=d.get("memory_budget"),
             footprints=dict(d.get("footprints", {})),
             streams=d.get("streams", 1),
-            eviction=d.get("eviction", "belady"),
+            residency=d.get("residency", "belady"),
             aliases=dict(d.get("aliases", {})),
             graph=None if d.get("graph") is None else graph_from_dict(d["graph"]),
+            base_bytes=d.get("base_bytes", 0),
+            load_extra=dict(d.get("load_extra", {})),
+            initial=tuple(d.get("initial", ())),
         )
 
     @classmethod

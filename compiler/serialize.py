@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from compiler.ir import AnswerType, Graph, Node, NodeKind, Provenance, Query
+from compiler.ir import AnswerType, Graph, HostOp, Node, NodeKind, Provenance, Query
 
 
 def node_to_dict(node: Node) -> dict[str, Any]:
@@ -32,6 +32,8 @@ def node_to_dict(node: Node) -> dict[str, Any]:
         out["fused_from"] = list(node.fused_from)
     if node.part_of is not None:
         out["part_of"] = node.part_of
+    if node.host is not None:
+        out["host"] = node.host.value
     return out
 
 
@@ -47,10 +49,11 @@ def node_from_dict(data: Mapping[str, Any]) -> Node:
         answer_type=AnswerType(data.get("answer_type", "text")),
         accepts=None if accepts is None else frozenset(AnswerType(a) for a in accepts),
         est_prompt_tokens=data.get("est_prompt_tokens", 0),
-        est_output_tokens=data.get("est_output_tokens", 0),
+        est_output_tokens=data.get("est_output_tokens"),
         provenance=None if prov is None else Provenance(**prov),
         fused_from=tuple(data.get("fused_from", ())),
         part_of=data.get("part_of"),
+        host=HostOp(data["host"]) if data.get("host") else None,
     )
 
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 import random
 from typing import Optional, Sequence
 
-from compiler.build import RoutedSubQuery, add_query
+from compiler.build import FinalAnswer, RoutedSubQuery, add_query
 from compiler.cost import CostModel, ModelCost
-from compiler.ir import Graph
-
-AGGREGATOR = "aggregator"
+from compiler.ir import AGGREGATOR, Graph
 
 
 def random_graph(rng: random.Random, experts: Sequence[str], *, n_nodes: Optional[int] = None,
                  n_queries: Optional[int] = None, min_sub: int = 2, max_sub: int = 6, dep_prob: float = 0.3,
                  shared_prob: float = 0.15, shared_pool: int = 8, output_tokens: Sequence[int] = (64, 96, 128),
-                 aggregator_tokens: int = 192) -> Graph:
-    """Queries until `n_queries` are built or the graph has `n_nodes` nodes (whichever is given)."""
+                 aggregator_tokens: int = 192, synthesized: float = 0.5) -> Graph:
+    """Queries until `n_queries` are built or the graph has `n_nodes` nodes (whichever is given); a share
+    `synthesized` of them has its final answer written by the aggregator model, the rest joined on the host."""
     if (n_nodes is None) == (n_queries is None):
         raise ValueError("give exactly one of n_nodes, n_queries")
     shared = [f"Shared question {i} about a common fact?" for i in range(max(1, shared_pool))]
@@ -40,7 +39,8 @@ def random_graph(rng: random.Random, experts: Sequence[str], *, n_nodes: Optiona
             else:
                 text = f"Query {q} step {i}: " + " ".join(f"#{d}" for d in deps) + " explain."
             subs.append(RoutedSubQuery(i, text, deps, expert, max_new_tokens=rng.choice(list(output_tokens))))
-        add_query(graph, f"q{q}", f"Original question number {q}?", subs, AGGREGATOR, aggregator_tokens)
+        final = FinalAnswer.model if rng.random() < synthesized else FinalAnswer.join
+        add_query(graph, f"q{q}", f"Original question number {q}?", subs, AGGREGATOR, aggregator_tokens, final=final)
         q += 1
     return graph
 

@@ -68,8 +68,8 @@ def roofline_cost(model) -> ModelCost:
                               hw["flops"], kv_bytes_per_elem=elem)
 
 
-def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: str | None = None,
-                     aggregator_expert: str = "aggregator", auto_calibrate: bool = False) -> CostModel:
+def build_cost_model(pool, expert_model: Mapping[str, str], planner_model: str, cache_dir: str | None = None,
+                     auto_calibrate: bool = False) -> CostModel:
     """A CostModel over every alias the experts and aggregator use (loads those models if needed).
 
     With `auto_calibrate`, a model never measured on this machine is calibrated once (tens of seconds) and
@@ -78,7 +78,7 @@ def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: s
     calibration = load_calibration(cache_dir)
     if auto_calibrate:
         missing = {}
-        for alias in dict.fromkeys([*(e.model for e in experts.values()), aggregator_model]):
+        for alias in dict.fromkeys([*expert_model.values(), planner_model]):
             model = pool.get(alias)
             key = calibration_key(model)
             if key not in calibration and key not in missing:
@@ -87,14 +87,12 @@ def build_cost_model(pool, experts: Mapping, aggregator_model: str, cache_dir: s
         if missing:
             save_calibration(cache_dir, missing)
             calibration = load_calibration(cache_dir)
-    expert_model = {name: e.model for name, e in experts.items()}
-    expert_model[aggregator_expert] = aggregator_model
     models = {}
-    for alias in dict.fromkeys(expert_model.values()):
+    for alias in dict.fromkeys([*expert_model.values(), planner_model]):
         model = pool.get(alias)
         measured = calibration.get(calibration_key(model))
         models[alias] = ModelCost(**measured) if measured else roofline_cost(model)
-    return CostModel(models=models, expert_model=expert_model)
+    return CostModel(models=models, expert_model=dict(expert_model))
 
 
 BATCH_SIZES = (1, 2, 3, 4, 6, 8)

@@ -1,8 +1,10 @@
 """An expert is a role, not a model: a description to route by, a system prompt, and the model alias it runs on."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from compllm.runtime.faults import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,7 @@ class Expert:
     exemplars: tuple[str, ...] = ()
     max_new_tokens: int = 96
     stop: tuple[str, ...] = ()
+    retry: Optional[RetryPolicy] = None  # None: the run's `retry` policy
 
     def routing_texts(self) -> list[str]:
         return [self.description, *self.exemplars]
@@ -33,5 +36,6 @@ def experts_from_config(cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, Exper
             exemplars=tuple(fields.get("exemplars") or ()),
             max_new_tokens=int(fields.get("max_new_tokens", 96)),
             stop=tuple(fields.get("stop") or ()),
+            retry=RetryPolicy(**fields["retry"]) if fields.get("retry") else None,
         )
     return out

@@ -1,34 +1,42 @@
-"""The pipe: decompose -> route -> build and verify the IR -> execute -> aggregate, timed per stage."""
+"""The pipe: plan (decompose) -> route -> build and verify the IR -> compile -> execute the plan, timed per stage.
+
+`prepare()` does what a process does once: fit the router and build the cost model (calibrating a model
+never measured on this machine). Every model call after that is either the planner's (through the same
+retry/timeout path as the experts') or a step of the compiled plan; the runtime decides nothing on its own.
+"""
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-from compiler import CompilerConfig, Plan, compile
-from compiler.build import BuildLimits, RoutedSubQuery, add_query
-from compiler.ir import AnswerType, Graph
+from compiler import CompilerConfig, CostModel, Plan, compile
+from compiler.build import BuildLimits, FinalAnswer, RoutedSubQuery, add_query
+from compiler.ir import AGGREGATOR, Graph
 from compiler.verify import GraphError, verify
+from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.costing import build_cost_model
 from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
-from compllm.runtime.context import AGGREGATOR, ExecutionContext
-from compllm.runtime.faults import RetryPolicy
+from compllm.runtime.context import ExecutionContext
+from compllm.runtime.executor import Executor
+from compllm.runtime.faults import CallOutcome, RetryPolicy
 from compllm.runtime.memory import peak_memory_bytes
 from compllm.runtime.prompts import Aggregator
-from compllm.runtime.result import QueryResult, RunResult
-from compllm.runtime.trace import chrome_trace
+from compllm.runtime.result import RunResult
+from compllm.runtime.trace import StepRecord
 
 log = logging.getLogger(__name__)
 
+PLANNER_STREAM = -1  # the planner call's row in the trace, above the plan's streams
+
 
 class Pipeline:
-    def __init__(self, pool: ModelPool, experts: Mapping[str, Expert], decomposer: Decomposer,
-                 router: EmbeddingRouter, aggregator: Aggregator, policy, max_answer_chars: int = 400,
+    def __init__(self, pool: ModelPool, experts: dict[str, Expert], decomposer: Decomposer,
+                 router: EmbeddingRouter, aggregator: Aggregator, policy: Executor, max_answer_chars: int = 400,
                  compiler_config: CompilerConfig | None = None, cache_dir: str | None = None,
                  retry: RetryPolicy | None = None, auto_calibrate: bool = False):
         self.pool, self.experts = pool, dict(experts)
@@ -39,7 +47,7 @@ class Pipeline:
         self.retry = retry or RetryPolicy()
         self.auto_calibrate = auto_calibrate
         self.timings: dict[str, float] = {}
-        self._ready = False
+        self.cost: CostModel | None = None
 
     @contextmanager
     def _stage(self, name: str):
@@ -51,20 +59,38 @@ class Pipeline:
         used = [self.decomposer.model, self.aggregator.model, *(e.model for e in self.experts.values())]
         return list(dict.fromkeys(used))
 
+    def expert_models(self) -> dict[str, str]:
+        """Expert -> model alias, the aggregator included: the one mapping the compiler plans with."""
+        return {**{name: e.model for name, e in self.experts.items()}, AGGREGATOR: self.aggregator.model}
+
     def prepare(self) -> None:
-        """Load every model and embed the experts before any query, so stage timings measure work, not loading."""
-        if self._ready:
+        """Once per process: fit the router, and build the cost model every compile uses."""
+        if self.cost is not None:
             return
-        with self._stage("load_models"):
-            for alias in self.model_aliases():
-                self.pool.get(alias)
         with self._stage("fit_router"):
             self.router.fit(self.experts)
-        self._ready = True
+        with self._stage("calibrate"):
+            self.cost = build_cost_model(self.pool, self.expert_models(), self.decomposer.model, self.cache_dir,
+                                         self.auto_calibrate)
 
-    def decompose(self, queries: Sequence[str]) -> list[Decomposition]:
+    # --- stages -----------------------------------------------------------------------------------
+    def decompose(self, ctx: ExecutionContext, queries: Sequence[str], records: list[StepRecord]) -> list[Decomposition]:
+        """The planner's call goes through the runtime's retry/timeout path and into the trace."""
+        model = self.decomposer.model
+
+        def call(requests: list[GenerationRequest]) -> list[CallOutcome]:
+            if not self.pool.is_loaded(model) and self.compiler_config.memory_budget is not None:
+                for alias in list(self.pool.loaded()):  # the planner's phase starts from an empty residency
+                    self.pool.evict(alias)
+            self.pool.get(model)  # the planner's model: loaded on demand, before any plan exists
+            start = ctx.now()
+            outcomes = ctx.generate(model, requests, [self.retry] * len(requests), "plan")
+            records.append(StepRecord("plan", "plan", model, PLANNER_STREAM, start, ctx.now(),
+                                      tuple(f"q{i}" for i in range(len(requests)))))
+            return outcomes
+
         with self._stage("decompose"):
-            return self.decomposer.decompose(self.pool.get(self.decomposer.model), queries)
+            return self.decomposer.decompose(call, queries)
 
     def route(self, decompositions: Sequence[Decomposition]) -> list[list[Route]]:
         with self._stage("route"):
@@ -75,7 +101,6 @@ class Pipeline:
     def build(self, decompositions: Sequence[Decomposition], routes: Sequence[Sequence[Route]]) -> Graph:
         with self._stage("build_graph"):
             graph = Graph()
-            known = [*self.experts, AGGREGATOR]
             caps = self.decomposer  # the builder enforces the decomposer's caps again, for any caller
             limits = BuildLimits(caps.max_subqueries, max(caps.max_chars, caps.max_query_chars))
             for i, (d, rs) in enumerate(zip(decompositions, routes)):
@@ -84,75 +109,73 @@ class Pipeline:
                                    self.experts[r.expert].max_new_tokens)
                     for sq, r in zip(d.subqueries, rs)
                 ]
-                listed = d.format == "enumerated" and self.aggregator.list_enumerated
                 add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens, limits,
-                          AnswerType.LIST if listed else AnswerType.TEXT)
-            verify(graph, known_experts=known)
+                          self.final_answer(d))
+            verify(graph, known_experts=[*self.experts, AGGREGATOR])
             return graph
+
+    def final_answer(self, d: Decomposition) -> FinalAnswer:
+        """Joined (no model call) unless the aggregator is set to write it and there is something to merge:
+        numbered questions always get their answers back as a list."""
+        if self.aggregator.mode is FinalAnswer.join or d.format == "enumerated":
+            return FinalAnswer.join
+        if len(d.subqueries) == 1 and self.aggregator.skip_single:
+            return FinalAnswer.join
+        return FinalAnswer.model
 
     def context(self) -> ExecutionContext:
         """A fresh execution context (its clock starts now) over the loaded models."""
         return ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars, self.retry)
 
     def compile(self, graph: Graph) -> Plan:
-        """Passes + lowering under the cost model of the loaded models (measured if calibrated)."""
-        with self._stage("compile"):
-            cost = build_cost_model(self.pool, self.experts, self.aggregator.model, self.cache_dir, AGGREGATOR,
-                                    self.auto_calibrate)
-            return compile(graph, cost, self.compiler_config)
-
-    def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None,
-            decompositions: Sequence[Decomposition] | None = None) -> tuple[RunResult, Graph]:
-        """`progress(total)` may return a tqdm-like bar that is advanced once per executed node. Baselines that
-        split differently (route-only, dependencies dropped) pass their own `decompositions`."""
-        self.timings = {}
-        self._ready = False
+        """Passes + lowering under the process's cost model; models already loaded start resident."""
         self.prepare()
-        decompositions = list(decompositions) if decompositions is not None else self.decompose(queries)
+        with self._stage("compile"):
+            return compile(graph, self.cost, self.compiler_config, resident=self.pool.loaded())
+
+    # --- the whole pipe -----------------------------------------------------------------------------
+    def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None,
+            decompositions: Sequence[Decomposition] | None = None,
+            rewrite: Callable[[Decomposition], Decomposition] | None = None) -> tuple[RunResult, Graph]:
+        """`progress(total)` may return a tqdm-like bar advanced once per executed node. Baselines that split
+        differently pass their own `decompositions` (route-only) or `rewrite` the planner's (dependencies dropped)."""
+        self.timings = {}
+        self.prepare()
+        ctx = self.context()
+        records: list[StepRecord] = []
+        if decompositions is None:
+            decompositions = self.decompose(ctx, queries, records)
+        decompositions = [rewrite(d) for d in decompositions] if rewrite else list(decompositions)
+        planner_peak = self.planner_peak_bytes(decompositions)
         routes = self.route(decompositions)
         try:
             graph = self.build(decompositions, routes)
         except GraphError as exc:  # the parser guarantees a DAG, so this is a bug: say so loudly
             raise GraphError(f"the frontend produced an invalid graph: {exc}") from exc
-        plan = self.compile(graph) if getattr(self.policy, "needs_plan", False) else None
-        ctx = self.context()
-        bar = progress(len(plan.graph) if plan else len(graph)) if progress else None
+        plan = self.compile(graph)
+        bar = progress(len(plan.graph)) if progress else None
+        execute_start = ctx.now()
         try:
             with self._stage("execute"):
-                node_results = self.policy.run(graph, ctx, plan=plan, progress=bar)
+                node_results = self.policy.run(plan, ctx, graph, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
-        out = []
-        for (qid, query), d, rs in zip(graph.queries.items(), decompositions, routes):
-            nodes = [node_results[n.id] for n in graph if n.provenance and n.provenance.query_id == qid]
-            sink = node_results[query.sink]
-            out.append(QueryResult(
-                id=qid,
-                query=query.text,
-                final_answer=sink.answer if sink.ok else f"(no answer: {sink.error})",
-                partial=not all(r.ok for r in nodes),
-                decomposition={
-                    "fallback": d.fallback, "reason": d.reason, "format": d.format, "warnings": list(d.warnings),
-                    "raw_output": d.raw_output,
-                    "subqueries": [
-                        {**asdict(sq), "expert": r.expert, "route_score": round(r.score, 4), "routed_by": r.routed_by}
-                        for sq, r in zip(d.subqueries, rs)
-                    ],
-                },
-                nodes=nodes,
-                latency=sink.end,
-            ))
-        models = {
-            alias: {"name": m.name, "load_seconds": round(m.stats.load_seconds, 3), "calls": m.stats.calls,
-                    "prompt_tokens": m.stats.prompt_tokens, "output_tokens": m.stats.output_tokens}
-            for alias, m in self.pool.loaded().items()
-        }
-        errors = [f"{r.node_id}: {r.error}" for q in out for r in q.nodes if r.status == "failed"]
-        timings = {k: round(v, 3) for k, v in self.timings.items()}
-        trace = chrome_trace(self.policy.name, node_results.values(), self.policy.step_records)
+        records += self.policy.step_records
         memory = {"measured_peak_bytes": peak_memory_bytes(),
-                  "planned_peak_bytes": plan.peak_planned_bytes if plan else None,
+                  "planned_peak_bytes": max(plan.peak_planned_bytes, planner_peak),
+                  "planned_plan_peak_bytes": plan.peak_planned_bytes, "planned_planner_peak_bytes": planner_peak,
                   "budget_bytes": self.compiler_config.memory_budget}
-        return RunResult(self.policy.name, out, timings, models, errors, plan.to_dict() if plan else None, trace,
-                         memory), graph
+        result = RunResult.from_execution(self.policy.name, graph, decompositions, routes, node_results, plan,
+                                          records, dict(self.timings), self.pool.loaded(), memory, execute_start)
+        return result, graph
+
+    def planner_peak_bytes(self, decompositions: Sequence[Decomposition]) -> int:
+        """What the planner's phase holds: the base, the models then resident, and the planner's call."""
+        cost, model = self.cost, self.decomposer.model
+        resident = {m: cost.cost(m).weight_bytes for m in self.pool.loaded() if m in cost.models}
+        outputs = [d.generation for d in decompositions if d.generation is not None]
+        if outputs and model in cost.models:
+            tokens = [(g.prompt_tokens, g.output_tokens) for g in outputs]
+            resident[model] = cost.cost(model).weight_bytes + cost.batch_bytes(model, tokens)
+        return cost.base_bytes + sum(resident.values())

@@ -65,7 +65,7 @@ def best_kernels(pipeline, plan) -> dict:
     """The fastest measured kernels of the (single) expert model: seconds per prompt token, and per row and
     decode step at the batch size where that is cheapest (from its calibration; roofline if uncalibrated)."""
     from compllm.costing import build_cost_model
-    from compllm.runtime.context import AGGREGATOR
+    from compiler.ir import AGGREGATOR
 
     cost = build_cost_model(pipeline.pool, pipeline.experts, pipeline.aggregator.model, pipeline.cache_dir,
                             AGGREGATOR, False)

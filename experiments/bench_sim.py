@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from compiler import CompilerConfig, CostModel, ModelCost, compile  # noqa: E402
 from compiler.synthetic import random_graph  # noqa: E402
-from compllm.backends.sim import simulate, to_chrome_trace  # noqa: E402
+from compiler.simulate import simulate, to_chrome_trace  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 BUDGET = 80 * 10**9

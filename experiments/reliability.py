@@ -32,7 +32,8 @@ from compllm.backends.base import Generation, ModelStats  # noqa: E402
 from compllm.backends.faulty import FaultSettings, FaultyModel  # noqa: E402
 from compllm.experts import Expert  # noqa: E402
 from compllm.frontend.decomposer import Decomposer  # noqa: E402
-from compllm.runtime.context import AGGREGATOR, ExecutionContext  # noqa: E402
+from compiler.ir import AGGREGATOR
+from compllm.runtime.context import ExecutionContext  # noqa: E402
 from compllm.runtime.executor import PlanExecutor  # noqa: E402
 from compllm.runtime.faults import RetryPolicy  # noqa: E402
 from compllm.runtime.prompts import Aggregator, quote, subquery_request  # noqa: E402

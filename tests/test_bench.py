@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.build import RoutedSubQuery, add_query
-from compiler.ir import AnswerType, Graph
+from compiler.build import FinalAnswer, RoutedSubQuery, add_query
+from compiler.ir import AGGREGATOR, AnswerType, Graph, HostOp
 from compllm.bench.meqa import meqa_all, meqa_p
 from compllm.bench.scoring import bootstrap_ci, score, summarize
 from compllm.bench.store import ResultsMismatchError, ResultsStore
@@ -16,8 +16,7 @@ from compllm.data.mmlu import DOMAINS
 from compllm.frontend.decomposer import Decomposition
 from compllm.frontend.enumerated import split_enumerated
 from compllm.frontend.parse import SubQuery
-from compllm.runtime.context import AGGREGATOR, ExecutionContext
-from compllm.runtime.prompts import Aggregator
+from compllm.runtime.host import run_host
 from compllm.runtime.result import NodeResult
 
 
@@ -77,13 +76,14 @@ def test_enumerated_queries_skip_the_model_and_respect_caps(compose):
 
     decomposer = instantiate(compose().decomposer, _convert_="all", max_subqueries=2)
 
-    class NoModel:
-        def generate(self, requests, max_live_rows=None):
-            raise AssertionError("an enumerated query needs no model call")
+    def no_model(requests):
+        raise AssertionError("an enumerated query needs no model call")
 
-    (d,) = decomposer.decompose(NoModel(), ["Question 1: A? Question 2: B? Question 3: C?"])
+    (d,) = decomposer.decompose(no_model, ["Question 1: A? Question 2: B? Question 3: C?"])
     assert d.format == "enumerated" and not d.fallback
-    assert [s.text for s in d.subqueries] == ["A?", "B?"] and "only the first 2" in d.warnings[0]
+    assert [s.text for s in d.subqueries] == ["A?", "B?"]
+    assert d.omitted == "question 3 of 3 was not answered: at most 2 are (decomposer.max_subqueries)"
+    assert d.warnings == (d.omitted,)
 
 
 def test_store_resumes_cuts_a_torn_line_and_refuses_other_configs(tmp_path):
@@ -134,16 +134,17 @@ def test_no_deps_inlines_referenced_questions():
     assert out.subqueries[1].text == "When was [Who wrote Hamlet?] born?"
 
 
-def test_list_aggregate_answers_numbered_lines_without_a_model():
+def test_joined_aggregate_answers_numbered_lines_without_a_model():
     graph = Graph()
     subs = [RoutedSubQuery(1, "A?", (), "law"), RoutedSubQuery(2, "B?", (), "medicine")]
-    add_query(graph, "q0", "Question 1: A? Question 2: B?", subs, AGGREGATOR, 64, aggregate_as=AnswerType.LIST)
+    add_query(graph, "q0", "Question 1: A? Question 2: B?", subs, AGGREGATOR, 64, final=FinalAnswer.join)
     sink = graph.nodes["q0:agg"]
-    assert sink.answer_type is AnswerType.LIST and sink.est_output_tokens == 0
-    ctx = ExecutionContext(pool=None, experts={}, aggregator=Aggregator("default", "sys"))
+    assert sink.host is HostOp.JOIN and sink.est_output_tokens == 0
     results = {"q0:1": NodeResult("q0:1", "q0", "subquery", "law", "m", answer="B\n(the rule)", status="ok"),
                "q0:2": NodeResult("q0:2", "q0", "subquery", "medicine", "m", status="failed", error="boom")}
-    assert ctx.passthrough(sink, results) == "Question 1: B (the rule)\nQuestion 2: (no answer: boom)"
+    assert run_host(sink, results) == ("1. B (the rule)\n2. (not answered: boom)", "")
+    results["q0:1"].status = "skipped"
+    assert run_host(sink, results)[1] == "no part was answered (part 1: skipped; part 2: boom)"
 
 
 @pytest.mark.parametrize("text, letters", [

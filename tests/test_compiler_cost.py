@@ -20,10 +20,12 @@ def test_node_kv_counts_prompt_output_and_parent_answers():
     cm = model()
     g = Graph()
     g.add(Node("p", NodeKind.SUBQUERY, "x", "law", est_prompt_tokens=5, est_output_tokens=7))
-    g.add(Node("c", NodeKind.SUBQUERY, "y {#1}", "law", {"#1": "p"}, est_prompt_tokens=3, est_output_tokens=0))
+    g.add(Node("c", NodeKind.SUBQUERY, "y {#1}", "law", {"#1": "p"}, est_prompt_tokens=3))
+    g.add(Node("z", NodeKind.SUBQUERY, "z", "law", est_prompt_tokens=3, est_output_tokens=0))
     assert cm.node_tokens(g.nodes["p"], g) == (5, 7)
-    # c's prompt holds p's answer (7 tokens); no output estimate -> default_output_tokens
+    # c's prompt holds p's answer (7 tokens); no output estimate -> default_output_tokens; 0 means none
     assert cm.node_tokens(g.nodes["c"], g) == (3 + 7, cm.default_output_tokens)
+    assert cm.node_tokens(g.nodes["z"], g) == (3, 0)
     assert cm.node_kv_bytes(g.nodes["p"], g) == (5 + 7) * 10
 
 

@@ -1,16 +1,18 @@
 """compile() end to end: plan properties on random DAGs, determinism, goldens, Belady vs LRU, errors."""
 import random
-from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from compiler import CompilerConfig, CostModel, ModelCost, Plan, StepKind, compile
+from compiler.build import FinalAnswer
 from compiler.build import RoutedSubQuery as Sq
 from compiler.build import add_query
 from compiler.errors import ConfigError, MemoryBudgetError
 from compiler.ir import AnswerType, Graph
+from compiler.plan_verify import PlanError, replay_memory
 from compiler.synthetic import random_cost_model, random_graph
 from compiler.verify import AnswerTypeError, CycleError, MissingReferenceError, UnknownExpertError
 
@@ -32,14 +34,15 @@ def workloads(draw, uniform: bool = False, tight: bool = False):
     config = CompilerConfig(
         max_batch_size=draw(st.integers(1, 10)),
         max_call_size=draw(st.sampled_from([None, 4, 64])),
-        eviction=draw(st.sampled_from(["belady", "lru"])),
+        residency=draw(st.sampled_from(["belady", "lru"])),
         streams=draw(st.integers(1, 3)),
         fuse=draw(st.sampled_from([[], ["chains"]])),
     )
     # smallest feasible budget: a model's weights + its largest node's KV, measured on the graph after the
     # budget-independent rewrites (dedupe/fuse change prompts), so compile once without a budget
     compiled = compile(graph, cm, config).graph
-    floor = max(cm.cost(cm.model_of(n)).weight_bytes + cm.node_kv_bytes(n, compiled) for n in compiled)
+    floor = max(cm.cost(cm.model_of(n)).weight_bytes + cm.batch_bytes(cm.model_of(n), [cm.node_tokens(n, compiled)])
+                for n in compiled if n.needs_model)
     total = sum(mc.weight_bytes for mc in cm.models.values())
     if uniform:  # equal footprints (no KV): the budget holds k models, the classic caching setting
         config.memory_budget = floor * draw(st.integers(1, max(1, n_models - 1)))
@@ -49,99 +52,18 @@ def workloads(draw, uniform: bool = False, tight: bool = False):
     return graph, cm, config
 
 
-def random_topological_order(plan: Plan, rng: random.Random) -> list:
-    """Any order an eager dataflow executor could pick: a random linear extension of the step DAG."""
-    waiting = {s.id: len(s.deps) for s in plan.steps}
-    dependents = {s.id: [] for s in plan.steps}
-    for s in plan.steps:
-        for d in s.deps:
-            dependents[d].append(s.id)
-    by_id = {s.id: s for s in plan.steps}
-    ready = [s.id for s in plan.steps if not s.deps]
-    order = []
-    while ready:
-        sid = ready.pop(rng.randrange(len(ready)))
-        order.append(by_id[sid])
-        for child in dependents[sid]:
-            waiting[child] -= 1
-            if not waiting[child]:
-                ready.append(child)
-    assert len(order) == len(plan.steps), "step DAG has a cycle"
-    return order
-
-
-def simulate_residency(order, budget) -> int:
-    """Replay loads/evicts; every generate must find its model resident. Returns the peak resident bytes."""
-    resident, used, peak = {}, 0, 0
-    for s in order:
-        if s.kind is StepKind.LOAD:
-            assert s.model not in resident, f"{s.id}: {s.model} loaded twice"
-            resident[s.model] = s.bytes
-            used += s.bytes
-        elif s.kind is StepKind.EVICT:
-            assert s.model in resident, f"{s.id}: {s.model} evicted while not resident"
-            used -= resident.pop(s.model)
-        else:
-            assert s.model in resident, f"{s.id}: generate on {s.model}, which is not resident"
-        peak = max(peak, used)
-        if budget is not None:
-            assert used <= budget, f"after {s.id}: {used} resident bytes > budget {budget}"
-    return peak
-
-
 def check_plan(plan: Plan, original: Graph, cm: CostModel, budget) -> None:
-    steps = plan.steps
-    index = {s.id: i for i, s in enumerate(steps)}
-    assert len(index) == len(steps), "step ids are unique"
-    for i, s in enumerate(steps):
-        assert all(index[d] < i for d in s.deps), f"{s.id}: plan order is a topological order"
-
-    # every node of the compiled graph runs exactly once, on its own model (part nodes: within their fused call)
+    """`Plan.verify()` (the production checker: coverage, order, streams, memory in plan order and in random
+    execution orders), plus what only a test knows: the original graph and the budget it was compiled for."""
+    plan.verify(cm, orders=3)
     graph = plan.graph
-    gens = [s for s in steps if s.kind is StepKind.GENERATE]
-    counts = Counter(n for s in gens for n in s.nodes)
-    called = {n.id for n in graph if n.part_of is None}
-    assert set(counts) == called and set(counts.values()) == {1}
-    for node in graph:
-        if node.part_of is not None:
-            assert node.id in graph.nodes[node.part_of].fused_from and node.part_of in called
-    for s in gens:
-        assert {cm.model_of(graph.nodes[n]) for n in s.nodes} == {s.model}
-    # every original node is answered: kept (maybe as a part node), deduped onto one, or inside a fused call
     fused = {orig for n in graph for orig in n.fused_from}
-    for nid in original.nodes:
+    for nid in original.nodes:  # every original node is answered: kept (maybe as a part), deduped, or fused
         target = plan.aliases.get(nid, nid)
         assert target in graph.nodes or target in fused, nid
     assert not set(plan.aliases) & set(graph.nodes)
     assert all(q.sink in graph.nodes for q in graph.queries.values())
-
-    # data dependencies: a node's step transitively depends on its parents' steps (ancestor bitsets)
-    ancestors = {}
-    for i, s in enumerate(steps):
-        bits = 0
-        for d in s.deps:
-            bits |= ancestors[d] | (1 << index[d])
-        ancestors[s.id] = bits
-    step_of = plan.step_of_node()
-    for node in graph:
-        if node.part_of is not None:
-            assert step_of[node.id] == step_of[node.part_of]  # answered by its fused node's call
-            continue
-        for parent in node.parents:
-            assert ancestors[step_of[node.id]] >> index[step_of[parent]] & 1, (node.id, parent)
-
-    # one model's generates share one stream; residency steps use the extra stream
-    streams = {}
-    for s in gens:
-        assert streams.setdefault(s.model, s.stream) == s.stream and 0 <= s.stream < plan.streams
-    assert all(s.stream == plan.streams for s in steps if s.kind is not StepKind.GENERATE)
-
-    # memory: in plan order and in random orders an eager executor might pick
-    peak = simulate_residency(steps, budget)
-    assert peak == plan.peak_planned_bytes
-    rng = random.Random(0)
-    for _ in range(3):
-        simulate_residency(random_topological_order(plan, rng), budget)
+    assert replay_memory(plan, plan.steps) == plan.peak_planned_bytes
     if budget is not None:
         assert plan.peak_planned_bytes <= budget
     assert plan.critical_path_s() <= plan.estimated_span_s() + 1e-9
@@ -152,6 +74,7 @@ def check_plan(plan: Plan, original: Graph, cm: CostModel, budget) -> None:
 def test_plans_on_random_dags_are_complete_ordered_and_within_budget(workload):
     graph, cm, config = workload
     before = graph.dump()
+    config.verify = False  # the plan is checked here, not by compile()
     plan = compile(graph, cm, config)
     check_plan(plan, graph, cm, config.memory_budget)
     event(f"evicts: {'yes' if plan.count(StepKind.EVICT) else 'no'}")
@@ -177,8 +100,8 @@ def test_plan_json_is_deterministic_and_round_trips(workload):
 def test_belady_never_loads_more_than_lru_for_equal_sizes(workload):
     graph, cm, config = workload
     config.fuse = []
-    belady = compile(graph, cm, CompilerConfig(**{**vars(config), "eviction": "belady"}))
-    lru = compile(graph, cm, CompilerConfig(**{**vars(config), "eviction": "lru"}))
+    belady = compile(graph, cm, CompilerConfig(**{**vars(config), "residency": "belady"}))
+    lru = compile(graph, cm, CompilerConfig(**{**vars(config), "residency": "lru"}))
     assert belady.loads <= lru.loads
     event(f"belady saves loads: {belady.loads < lru.loads}")
 
@@ -190,10 +113,9 @@ def test_belady_strictly_fewer_loads_on_a_constructed_case():
     g = Graph()
     experts = ["ea", "eb", "ec"] * 2
     add_query(g, "q", "cyclic", [Sq(i + 1, f"step {i} #{i}" if i else "start", (i,) if i else (), e)
-                                 for i, e in enumerate(experts)], "aggregator")
-    loads = {ev: compile(g, cm, CompilerConfig(memory_budget=200, eviction=ev)).loads for ev in ("belady", "lru")}
+                                 for i, e in enumerate(experts)], "aggregator", final=FinalAnswer.model)
+    loads = {ev: compile(g, cm, CompilerConfig(memory_budget=200, residency=ev)).loads for ev in ("belady", "lru")}
     assert loads == {"belady": 5, "lru": 7}
-    assert compile(g, cm, CompilerConfig(memory_budget=200, disabled=["level_schedule"])).loads == 7  # LRU fallback
 
 
 # --- goldens ----------------------------------------------------------------------------------------
@@ -202,10 +124,11 @@ def golden_graph() -> Graph:
     g = Graph()
     add_query(g, "q0", "What is the capital of France and how many people live there?", [
         Sq(1, "What is the capital of France?", (), "general", max_new_tokens=8),
-        Sq(2, "How many people live in #1?", (1,), "law", max_new_tokens=8)], "aggregator", 16)
+        Sq(2, "How many people live in #1?", (1,), "law", max_new_tokens=8)], "aggregator", 16,
+        final=FinalAnswer.model)
     add_query(g, "q1", "What is the capital of France, and what is 2+2?", [
         Sq(1, "What is the capital of France?", (), "general", max_new_tokens=8),
-        Sq(2, "What is 2+2?", (), "math", max_new_tokens=8)], "aggregator", 16)
+        Sq(2, "What is 2+2?", (), "math", max_new_tokens=8)], "aggregator", 16, final=FinalAnswer.model)
     add_query(g, "q2", "Is the Seine longer than the Loire?", [
         Sq(1, "How long is the Seine?", (), "math", max_new_tokens=8)], "aggregator", 16)
     return g
@@ -226,21 +149,21 @@ query q2 sink=q2:agg: 'Is the Seine longer than the Loire?'
   q1:2 [subquery] expert=math type=text: 'What is 2+2?'
   q1:agg [aggregate] expert=aggregator type=text inputs(#1=q0:1, #2=q1:2): 'What is the capital of France, and what is 2+2?'
   q2:1 [subquery] expert=math type=text: 'How long is the Seine?'
-  q2:agg [aggregate] expert=aggregator type=text inputs(#1=q2:1): 'Is the Seine longer than the Loire?'"""
+  q2:agg [aggregate] expert=aggregator type=text inputs(#1=q2:1) host(join): 'Is the Seine longer than the Loire?'"""
 
 GOLDEN_PLAN = """\
-plan steps=8 loads=2 budget=3,500 peak=3,264 eviction=belady streams=1
+plan steps=8 loads=2 budget=3,500 peak=3,352 residency=belady streams=1
   footprint small=1,056
-  footprint big=3,264
+  footprint big=3,352
   alias q1:1 -> q0:1
-  [1] load:small#0: load small | resident=1,056
-  [0] gen:small#0: generate small (q1:2, q2:1) after load:small#0 | resident=1,056
-  [0] gen:small#1: generate small (q0:1) after load:small#0 | resident=1,056
-  [1] evict:small#0: evict small after load:small#0, gen:small#0, gen:small#1 | resident=0
-  [1] load:big#0: load big after evict:small#0 | resident=3,264
-  [0] gen:big#0: generate big (q0:2, q2:agg) after load:big#0, gen:small#1, gen:small#0 | resident=3,264
-  [0] gen:big#1: generate big (q1:agg) after load:big#0, gen:small#1, gen:small#0 | resident=3,264
-  [0] gen:big#2: generate big (q0:agg) after load:big#0, gen:small#1, gen:big#0 | resident=3,264"""
+  [1] load:small#0: load small | held=1,056
+  [0] gen:small#0: generate small (q1:2, q2:1) after load:small#0 | held=1,056
+  [2] host:q2:agg: host (q2:agg) after gen:small#0 | held=1,056
+  [0] gen:small#1: generate small (q0:1) after load:small#0 | held=1,056
+  [1] evict:small#0: evict small after load:small#0, gen:small#0, gen:small#1 | held=0
+  [1] load:big#0: load big after evict:small#0 | held=3,352
+  [0] gen:big#0: generate big (q0:2, q1:agg) after load:big#0, gen:small#1, gen:small#0 | held=3,352
+  [0] gen:big#1: generate big (q0:agg) after load:big#0, gen:small#1, gen:big#0 | held=3,352"""
 
 
 def test_golden_graph_and_plan_text():
@@ -249,29 +172,31 @@ def test_golden_graph_and_plan_text():
     assert plan.graph.dump() == GOLDEN_GRAPH
     assert plan.dump() == GOLDEN_PLAN
     # small: 1000 B weights + its largest batch (the two shortest prompts together: 2 x (6 + 8) tokens x 2 B) = 1056
-    assert plan.footprints == {"small": 1056, "big": 3264}
-    # load small 0.1 s; two small batches; load big 1.5 s; then the big batches (q0:agg after gen:big#0)
-    assert plan.critical_path_s() == pytest.approx(2.488)
-    assert plan.estimated_span_s() == pytest.approx(2.952)
-    assert plan.memory_profile()[3] == ("evict:small#0", 0)
+    assert plan.footprints == {"small": 1056, "big": 3352}
+    # load small 0.1 s; two small batches; load big 1.5 s; then the big batches (q0:agg after gen:big#0); q2's
+    # final answer is joined on the host (a single part: no aggregator call), so it costs nothing
+    assert plan.critical_path_s() == pytest.approx(2.532)
+    assert plan.estimated_span_s() == pytest.approx(2.62)
+    assert plan.memory_profile()[4] == ("evict:small#0", 0, 1056)  # held until the eviction ends
 
 
 def test_report_has_timings_and_optional_dumps():
     plan = compile(golden_graph(), golden_cost(), CompilerConfig(dump=True))
     report = plan.report
-    assert list(report.pass_seconds) == ["dedupe", "fuse", "batch", "level_schedule"]
+    assert list(report.pass_seconds) == ["dedupe", "fuse", "batch", "schedule", "residency"]
     assert report.total_seconds >= report.lower_seconds >= 0
-    assert [name for name, _ in report.dumps] == ["input", "dedupe", "fuse", "batch", "level_schedule"]
+    assert [name for name, _ in report.dumps] == ["input", "dedupe", "fuse", "batch", "schedule", "residency"]
     assert compile(golden_graph(), golden_cost()).report.dumps == []
     assert plan.loads == 2 and plan.count(StepKind.EVICT) == 0  # unlimited budget: load once, never evict
 
 
-def test_disabling_passes_still_gives_a_valid_plan():
+def test_every_ablation_still_gives_a_valid_plan():
     g = golden_graph()
-    for disabled in (["dedupe"], ["batch"], ["level_schedule"], ["dedupe", "fuse", "batch", "level_schedule"]):
-        plan = compile(g, golden_cost(), CompilerConfig(memory_budget=3500, disabled=disabled))
+    for changes in ({"disabled": ["dedupe"]}, {"disabled": ["dedupe", "fuse"]}, {"residency": "lru"},
+                    {"max_batch_size": 1, "max_call_size": 1}, {"passes": ["batch", "schedule", "residency"]}):
+        plan = compile(g, golden_cost(), CompilerConfig(memory_budget=3500, **changes))
         check_plan(plan, g, golden_cost(), 3500)
-    no_batch = compile(g, golden_cost(), CompilerConfig(disabled=["batch"]))
+    no_batch = compile(g, golden_cost(), CompilerConfig(max_batch_size=1, max_call_size=1))
     assert all(len(s.nodes) == 1 for s in no_batch.steps if s.kind is StepKind.GENERATE)
     assert "q1:1" in compile(g, golden_cost(), CompilerConfig(disabled=["dedupe"])).graph.nodes
 
@@ -292,11 +217,11 @@ def test_budget_below_a_models_weights_names_bytes():
     assert err.value.budget_bytes == 2000 and err.value.needed_bytes > 3000
 
 
-def test_budget_too_small_for_the_largest_batch_without_batching_pass():
-    # without `batch`, level_schedule builds one-node batches; the error names the node's KV
-    expected = r"model 'big' needs 3,192 bytes \(weights 3,000 \+ KV 192 for node 'q0:agg' alone\)"
+def test_budget_too_small_for_the_largest_node_names_its_bytes():
+    expected = (r"model 'big' needs 3,192 bytes \(runtime base 0 \+ weights 3,000 \+ KV and workspace 192 for node "
+                r"'q0:agg' alone\)")
     with pytest.raises(MemoryBudgetError, match=expected):
-        compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3050, disabled=["batch"]))
+        compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3050, max_batch_size=1, max_call_size=1))
 
 
 def test_verifier_errors_pass_through_compile_unchanged():
@@ -326,7 +251,7 @@ def test_empty_graph_compiles_to_an_empty_plan():
 
 
 def test_bad_config_is_a_config_error():
-    for bad in ({"eviction": "fifo"}, {"max_batch_size": 0}, {"max_call_size": 0}, {"memory_budget": 0},
+    for bad in ({"residency": "fifo"}, {"max_batch_size": 0}, {"max_call_size": 0}, {"memory_budget": 0},
                 {"streams": 0}):
         with pytest.raises(ConfigError):
             compile(golden_graph(), golden_cost(), CompilerConfig(**bad))
@@ -343,3 +268,50 @@ def test_calls_past_max_batch_size_refill_rows_and_reserve_kv_for_live_rows_only
     pairs = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=2,
                                                                   max_call_size=None))
     assert refill.footprints["small"] < pairs.footprints["small"]
+
+
+def test_a_joined_final_answer_in_a_multi_model_plan_loads_nothing_it_does_not_call():
+    """The review's case: numbered (LIST) and single-part (skip_single) aggregates with the aggregator on a second
+    model. They need no call, so the plan never loads that model, and a budget too small for it still compiles."""
+    cm = CostModel({"small": ModelCost(1000, 2, 1e-3, 1e-2), "agg": ModelCost(3000, 4, 1e-3, 1e-2)},
+                   {"general": "small", "aggregator": "agg"})
+    g = Graph()
+    add_query(g, "q0", "1. a? 2. b?", [Sq(1, "a?", (), "general"), Sq(2, "b?", (), "general")], "aggregator", 64)
+    add_query(g, "q1", "just one?", [Sq(1, "just one?", (), "general")], "aggregator", 64)
+    plan = compile(g, cm, CompilerConfig(memory_budget=2000))
+    assert {s.model for s in plan.steps if s.kind in (StepKind.LOAD, StepKind.GENERATE)} == {"small"}
+    assert [s.nodes for s in plan.steps if s.kind is StepKind.HOST] == [("q0:agg",), ("q1:agg",)]
+    assert "agg" not in plan.footprints and plan.peak_planned_bytes < 2000
+    synthesized = Graph()
+    add_query(synthesized, "q0", "a and b?", [Sq(1, "a?", (), "general"), Sq(2, "b?", (), "general")], "aggregator",
+              64, final=FinalAnswer.model)
+    with pytest.raises(MemoryBudgetError, match="model 'agg'"):  # a real aggregator call must fit
+        compile(synthesized, cm, CompilerConfig(memory_budget=2000))
+
+
+def test_the_runtime_base_and_load_transients_are_part_of_the_planned_peak():
+    cm = CostModel({"small": ModelCost(1000, 0, 1e-3, 1e-2, load_extra_bytes=500)}, {"general": "small",
+                                                                                    "aggregator": "small"},
+                   base_bytes=300)
+    g = Graph()
+    add_query(g, "q0", "a?", [Sq(1, "a?", (), "general")], "aggregator")
+    plan = compile(g, cm)
+    assert plan.peak_planned_bytes == 300 + 1000 + 500  # base + weights + the load's transient
+    assert compile(g, cm, resident=["small"]).peak_planned_bytes == 1300  # already loaded: no transient, no load
+    with pytest.raises(MemoryBudgetError, match="runtime base 300"):
+        compile(g, cm, CompilerConfig(memory_budget=1700))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda p: p.steps.reverse(), "not an earlier step"),
+    (lambda p: p.steps.__setitem__(1, replace(p.steps[1], deps=())), "does not depend on|not resident"),
+    (lambda p: setattr(p, "memory_budget", p.peak_planned_bytes - 1), "> budget"),
+    (lambda p: p.steps.append(replace(p.steps[1], id="gen:again")), "more than one step"),
+    (lambda p: p.steps.__setitem__(1, replace(p.steps[1], stream=5)), "stream"),
+])
+def test_plan_verify_refuses_broken_plans(break_it, message):
+    plan = compile(golden_graph(), golden_cost(), CompilerConfig(memory_budget=3500, max_batch_size=2))
+    plan.verify(golden_cost())
+    break_it(plan)
+    with pytest.raises(PlanError, match=message):
+        plan.verify(golden_cost())

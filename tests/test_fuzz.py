@@ -17,7 +17,7 @@ from compiler.verify import CycleError, verify
 from compllm.apps.main import compose_problem
 from compllm.config.checks import ConfigError, check_config
 from compllm.frontend.decomposer import Decomposer
-from compllm.runtime.context import AGGREGATOR
+from compiler.ir import AGGREGATOR
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 EXPERTS = ["general", "math"]
@@ -144,12 +144,18 @@ def test_enormous_decomposer_output_is_capped_in_the_graph():
 
 
 def test_a_failing_decomposer_call_falls_back_for_every_query():
-    class Down:
-        def generate(self, requests, max_live_rows=None):
-            raise MemoryError("CUDA out of memory")
+    from compllm.backends.faulty import InjectedOutOfMemory
+    from compllm.runtime.faults import RetryPolicy, generate_with_retry
 
-    out = DECOMPOSER.decompose(Down(), ["First?", "Second?"])
-    assert [d.fallback for d in out] == [True, True] and "decomposer call failed: MemoryError" in out[0].reason
+    def down(batch, cancel):
+        raise InjectedOutOfMemory("CUDA out of memory")
+
+    def call(requests):  # the planner's call goes through the experts' retry path
+        return generate_with_retry(down, requests, RetryPolicy(2, backoff_s=0.0), "plan")
+
+    out = DECOMPOSER.decompose(call, ["First?", "Second?"])
+    assert [d.fallback for d in out] == [True, True]
+    assert "decomposer call failed: InjectedOutOfMemory: CUDA out of memory" in out[0].reason
     assert [d.subqueries[0].text for d in out] == ["First?", "Second?"]
 
 

@@ -3,6 +3,7 @@ import pytest
 
 from compiler.build import RoutedSubQuery, add_query
 from compiler.ir import AnswerType, Graph, Node, NodeKind, Query
+from compiler.levels import topo_order
 from compiler.verify import (AnswerTypeError, CycleError, MissingReferenceError, SinkError, UnknownExpertError,
                              verify)
 
@@ -25,8 +26,8 @@ def test_builder_turns_hash_refs_into_bound_references():
     assert node.template == "How many people live in {#1}?"
     assert node.inputs == {"#1": "q0:1"}
     assert g.nodes["q0:agg"].kind is NodeKind.AGGREGATE
-    assert set(g.nodes["q0:agg"].parents) == {"q0:1", "q0:2"}
-    assert g.topo_order() == ["q0:1", "q0:2", "q0:agg"]
+    assert g.nodes["q0:agg"].parents == ("q0:2",)  # a joined final answer reads the chain's last step
+    assert topo_order(g) == ["q0:1", "q0:2", "q0:agg"]
 
 
 def test_hash_without_dependency_stays_literal():
@@ -40,7 +41,7 @@ def test_multi_query_graph_topo_order_is_deterministic():
     g = two_step_graph()
     add_query(g, "q1", "Scurvy?", [RoutedSubQuery(1, "Which vitamin prevents scurvy?", (), "medicine")], "aggregator")
     verify(g, EXPERTS)
-    assert g.topo_order() == ["q0:1", "q1:1", "q0:2", "q1:agg", "q0:agg"]  # ready sets in insertion order
+    assert topo_order(g) == ["q0:1", "q1:1", "q0:2", "q1:agg", "q0:agg"]  # waves, in insertion order
     assert "query q1 sink=q1:agg" in g.dump()
 
 

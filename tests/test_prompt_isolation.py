@@ -15,7 +15,7 @@ from compiler.build import RoutedSubQuery, add_query
 from compiler.ir import Graph
 from compllm.backends.sanitize import neutralise
 from compllm.experts import Expert
-from compllm.runtime.context import AGGREGATOR
+from compiler.ir import AGGREGATOR
 from compllm.runtime.prompts import Aggregator, quote, subquery_request
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiler import CompilerConfig, CostModel, ModelCost, Plan, Step, StepKind, compile
+from compiler.build import FinalAnswer
 from compiler.build import RoutedSubQuery as Sq
 from compiler.build import add_query
 from compiler.ir import Graph
 from compiler.synthetic import random_cost_model, random_graph
-from compllm.backends.sim import DEFAULT_BANDWIDTH_BPS, PlanViolation, simulate, to_chrome_trace
+from compiler.simulate import DEFAULT_BANDWIDTH_BPS, PlanViolation, simulate, to_chrome_trace
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 L, E, G = StepKind.LOAD, StepKind.EVICT, StepKind.GENERATE
@@ -82,7 +83,8 @@ def test_contract_violations_are_reported():
 def test_bytes_read_counts_weights_per_decode_step_and_kv_once():
     cm = CostModel({"m": ModelCost(1000, 10, 1e-3, 1e-2)}, {"x": "m", "aggregator": "m"})
     g = Graph()
-    add_query(g, "q", "Q?", [Sq(1, "abcdefgh", (), "x", max_new_tokens=5)], "aggregator", 7)
+    add_query(g, "q", "Q?", [Sq(1, "abcdefgh", (), "x", max_new_tokens=5)], "aggregator", 7,
+              final=FinalAnswer.model)
     plan = compile(g, cm)
     sim = simulate(plan, cm, bandwidth_Bps=1e6)
     # node q:1: prompt 8 chars // 4 + 1 = 3 tokens, 5 out; aggregate: its own prompt + 5 pasted tokens, 7 out
@@ -103,9 +105,9 @@ def compiled(draw):
     cm = random_cost_model(rng, experts, draw(st.integers(1, 5)))
     graph = random_graph(rng, experts, n_queries=draw(st.integers(1, 30)), min_sub=1, max_sub=6)
     config = CompilerConfig(max_batch_size=draw(st.integers(1, 10)), max_call_size=draw(st.sampled_from([None, 4, 64])),
-                            eviction=draw(st.sampled_from(["belady", "lru"])),
+                            residency=draw(st.sampled_from(["belady", "lru"])),
                             streams=draw(st.integers(1, 3)), fuse=draw(st.sampled_from([[], ["chains"]])),
-                            disabled=draw(st.sampled_from([[], ["batch"], ["level_schedule"]])))
+                            disabled=draw(st.sampled_from([[], ["dedupe"], ["dedupe", "fuse"]])))
     free = compile(graph, cm, config)
     floor = max(free.footprints.values())
     config.memory_budget = draw(st.integers(floor, floor + sum(free.footprints.values()) // 2))

@@ -1,15 +1,16 @@
 """`batch`: group nodes of one model that become ready together into one generate call.
 
+Only nodes that need a model call are batched (host nodes and fused-chain parts have no call of their own).
 "Ready together" = same topological level (no node on a level depends on another on it). Each
 (level, model) group, ordered by estimated prompt length (graph order among equals: a left-padded
 prefill computes every row at its longest prompt, so similar lengths waste the least), is cut greedily
 into calls of at most `max_call_size` nodes, of which at most `max_batch_size` decode at once: the rest
 join as rows finish (continuous refill, `compiler.cost.admit_rows`), so one long answer never decodes
-alone while work waits. Calls are also bounded by KV memory: a call's left-padded KV (live rows x its
-longest prompt + output) must fit in the budget left after its own model's weights (and under
-`max_batch_kv_bytes` if set). A call the cost model says is slower than its nodes one by one is split
-into singles. The residency planner later reserves each model's largest call KV next to its weights,
-so any call can run whatever else is resident.
+alone while work waits. Calls are also bounded by memory: a call's left-padded KV (live rows x its
+longest prompt + output) plus its prefill workspace must fit in the budget left after the runtime's base
+and its own model's weights (and its KV under `max_batch_kv_bytes` if set). A call the cost model says
+is slower than its nodes one by one is split into singles. The residency pass later reserves each model's
+largest call next to its weights, so any call can run whatever else is resident.
 Output: `annotations["batches"]`, a tuple of `Batch` in level order.
 """
 from __future__ import annotations
@@ -23,28 +24,27 @@ from compiler.cost import CostModel
 from compiler.errors import CompileError, MemoryBudgetError
 from compiler.ir import Graph
 from compiler.levels import topo_levels
-from compiler.passes import register
+from compiler.passes.registry import Pass, register
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One planned generate call: same model, same level, KV within the limit."""
+    """One planned generate call: same model, same level, memory within the limit."""
 
     index: int
     model: str
     level: int
     nodes: tuple[str, ...]
-    kv_bytes: int
+    bytes: int  # memory the call holds beside its model's weights: KV + prefill workspace
     est_s: float
     slots: int = 0  # rows decoding at once; 0 = all nodes at once (no refill)
 
     def dump(self) -> str:
         slots = f" slots={self.slots}" if self.slots else ""
-        return (f"batch {self.index} level={self.level} model={self.model} kv={self.kv_bytes}{slots} "
+        return (f"batch {self.index} level={self.level} model={self.model} bytes={self.bytes}{slots} "
                 f"est={self.est_s:.4g}s nodes({', '.join(self.nodes)})")
 
 
-@register("batch")
 def batch(graph: Graph, ctx: PassContext) -> Graph:
     out = graph.copy()
     out.annotations["batches"] = make_batches(graph, ctx, ctx.config.max_batch_size, ctx.config.max_call_size)
@@ -52,27 +52,26 @@ def batch(graph: Graph, ctx: PassContext) -> Graph:
 
 
 def kv_limit(cost: CostModel, model: str, budget: Optional[int], cap: Optional[int]) -> float:
-    """KV bytes one batch of `model` may use: the budget minus its weights, and at most the cap."""
-    limit = math.inf if budget is None else budget - cost.cost(model).weight_bytes
+    """Bytes one call of `model` may hold: the budget minus the base and its weights, and at most the cap."""
+    limit = math.inf if budget is None else budget - cost.base_bytes - cost.cost(model).weight_bytes
     return limit if cap is None else min(limit, cap)
 
 
 def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optional[int] = None) -> tuple[Batch, ...]:
-    """Calls of at most `call_size` nodes (None: `max_size`), at most `max_size` of them decoding at once
-    (1 and None = every node alone: what `level_schedule` uses without `batch`)."""
+    """Calls of at most `call_size` nodes (None: `max_size`), at most `max_size` of them decoding at once."""
     call_size = max(max_size, call_size or max_size)
     cost, budget, cap = ctx.cost, ctx.config.memory_budget, ctx.config.max_batch_kv_bytes
     levels = topo_levels(graph)
     groups: dict[tuple[int, str], list[str]] = {}
     tokens_of: dict[str, tuple[int, int]] = {}
-    worst: dict[str, tuple[int, str]] = {}  # model -> (largest single-node KV, its node)
+    worst: dict[str, tuple[int, str]] = {}  # model -> (largest single-node call bytes, its node)
     for nid, node in graph.nodes.items():  # graph order within a group: deterministic, insertion-stable
-        if node.part_of is not None:
-            continue  # answered by its fused node's call
+        if not node.needs_model:
+            continue  # a host node, or a part answered by its fused node's call
         model = cost.model_of(node)
         groups.setdefault((levels[nid], model), []).append(nid)
         p, o = tokens_of[nid] = cost.node_tokens(node, graph)
-        alone = (p + o) * cost.cost(model).kv_bytes_per_token
+        alone = cost.batch_bytes(model, [(p, o)])
         if alone > worst.get(model, (-1, ""))[0]:
             worst[model] = (alone, nid)
     if budget is not None and worst:
@@ -80,8 +79,10 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
 
     batches: list[Batch] = []
     for level, model in sorted(groups, key=lambda key: key[0]):  # stable: models in first-appearance order
+        limit = kv_limit(cost, model, budget, None)
+        kv_cap = math.inf if cap is None else cap
         kv_per_token = cost.cost(model).kv_bytes_per_token
-        limit = kv_limit(cost, model, budget, cap)
+        workspace_per_token = cost.cost(model).workspace_bytes_per_token
         members: list[str] = []
         tokens: list[tuple[int, int]] = []
         longest_p = longest_o = 0
@@ -92,18 +93,19 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
             if len(members) > 1 and together > sum(cost.batch_seconds(model, [t]) for t in tokens):
                 # the measured kernels make this batch size slower than its calls one by one: don't batch
                 for nid, t in zip(members, tokens):
-                    batches.append(Batch(len(batches), model, level, (nid,), cost.batch_kv_bytes(model, [t]),
+                    batches.append(Batch(len(batches), model, level, (nid,), cost.batch_bytes(model, [t]),
                                          cost.batch_seconds(model, [t])))
             elif members:
                 batches.append(Batch(len(batches), model, level, tuple(members),
-                                     cost.batch_kv_bytes(model, tokens, slots), together,
+                                     cost.batch_bytes(model, tokens, slots), together,
                                      slots if slots < len(members) else 0))
 
         for nid in sorted(groups[(level, model)], key=lambda n: tokens_of[n][0]):  # stable
             p, o = tokens_of[nid]
-            rows = min(len(members) + 1, max_size)
-            grown = rows * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
-            if members and (len(members) >= call_size or grown > limit):
+            rows = min(len(members) + 1, max_size)  # what batch_kv_bytes / batch_workspace_bytes would say, O(1)
+            kv = rows * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
+            workspace = rows * max(longest_p, p) * workspace_per_token
+            if members and (len(members) >= call_size or kv + workspace > limit or kv > kv_cap):
                 close()
                 members, tokens, longest_p, longest_o = [], [], 0, 0
             members.append(nid)
@@ -116,16 +118,18 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
 def _check_fits(cost: CostModel, worst: dict[str, tuple[int, str]], budget: int) -> None:
     """Every model must fit with its largest single node; report the model needing the most bytes, with the
     bytes it needs (= the smallest budget that would work for it)."""
-    needs = {m: (cost.cost(m).weight_bytes + kv, m, nid) for m, (kv, nid) in worst.items()}
+    base = cost.base_bytes
+    needs = {m: (base + cost.cost(m).weight_bytes + kv, m, nid) for m, (kv, nid) in worst.items()}
     need, model, nid = max(needs.values(), key=lambda t: t[0])
     if need > budget:
         weights = cost.cost(model).weight_bytes
-        raise MemoryBudgetError(model, need, budget,
-                                f"weights {weights:,} + KV {need - weights:,} for node {nid!r} alone")
+        raise MemoryBudgetError(model, need, budget, f"runtime base {base:,} + weights {weights:,} + KV and "
+                                f"workspace {need - weights - base:,} for node {nid!r} alone")
 
 
 def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> None:
-    """Every node (but part nodes) in exactly one batch of its own model; CompileError names the first violation."""
+    """Every node that needs a model call in exactly one batch of its own model; CompileError names the first
+    violation."""
     seen: dict[str, int] = {}
     for b in batches:
         for nid in b.nodes:
@@ -138,11 +142,12 @@ def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> 
                 raise CompileError(f"batch {b.index} runs {b.model!r} but node {nid!r} needs "
                                    f"{cost.model_of(graph.nodes[nid])!r}")
             seen[nid] = b.index
-            if graph.nodes[nid].part_of is not None:
-                raise CompileError(f"batch {b.index} names part node {nid!r}, which its fused node answers")
-    missing = [nid for nid, node in graph.nodes.items() if nid not in seen and node.part_of is None]
+            if not graph.nodes[nid].needs_model:
+                raise CompileError(f"batch {b.index} names node {nid!r}, which needs no model call of its own")
+    missing = [nid for nid, node in graph.nodes.items() if nid not in seen and node.needs_model]
     if missing:
         raise CompileError(f"{len(missing)} node(s) in no batch, e.g. {missing[:3]}")
 
 
-batch.check = lambda graph, ctx: check_batches(graph, graph.annotations["batches"], ctx.cost)  # type: ignore
+register(Pass("batch", batch, provides=frozenset({"batches"}),
+              check=lambda graph, ctx: check_batches(graph, graph.annotations["batches"], ctx.cost)))

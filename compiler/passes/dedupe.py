@@ -12,17 +12,16 @@ from __future__ import annotations
 from compiler.config import PassContext
 from compiler.ir import REFERENCE, Graph, NodeKind
 from compiler.levels import topo_order
-from compiler.passes import register, rewritten
+from compiler.passes.registry import DERIVED, Pass, register, rewritten
 
 
-@register("dedupe")
 def dedupe(graph: Graph, ctx: PassContext) -> Graph:
     nodes = graph.nodes
     kept_for: dict[str, str] = {}  # removed id -> kept id
     first_with: dict[tuple, str] = {}  # dedupe key -> kept id
     for nid in topo_order(graph):  # parents before children: their canonical ids are final
         node = nodes[nid]
-        if node.kind is not NodeKind.SUBQUERY or node.fused_from or node.part_of is not None:
+        if node.kind is not NodeKind.SUBQUERY or node.fused_from or not node.needs_model:
             continue  # aggregates stay per query; fused calls and their parts are bound to each other
         inputs = {label: kept_for.get(p, p) for label, p in node.inputs.items()}
         resolved = REFERENCE.sub(lambda m: "{@" + inputs.get(m.group(1), m.group(1)) + "}", node.template)
@@ -45,3 +44,6 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
     aliases.update(kept_for)
     out.annotations["aliases"] = aliases
     return out
+
+
+register(Pass("dedupe", dedupe, provides=frozenset({"aliases"}), invalidates=DERIVED))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compiler import CompilerConfig
 from compllm.backends.pool import ModelPool
 from compllm.config.checks import check_config
 from compllm.experts import experts_from_config
@@ -22,10 +21,9 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         decomposer=instantiate(cfg.decomposer, _convert_="all"),
         router=instantiate(cfg.router, _convert_="all"),
         aggregator=instantiate(cfg.aggregator, _convert_="all"),
-        # unset schema fields (None) are not the policy's arguments
-        policy=instantiate({k: v for k, v in OmegaConf.to_container(cfg.policy).items() if v is not None}),
+        policy=instantiate(cfg.policy),
         max_answer_chars=cfg.max_answer_chars,
-        compiler_config=CompilerConfig(**OmegaConf.to_container(cfg.compiler, resolve=True)),
+        compiler_config=OmegaConf.to_object(cfg.compiler),
         cache_dir=cfg.cache_dir,
         retry=RetryPolicy(**OmegaConf.to_container(cfg.retry)),
         auto_calibrate=cfg.auto_calibrate,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
+from compiler.build import node_id
 from compllm.runtime.result import RunResult
 
 
@@ -33,15 +34,17 @@ def print_result(result: RunResult) -> None:
         for w in d["warnings"]:
             print(f"  warning: {w}")
         print("--- sub-answers")
-        for node in q.nodes:
-            if node.kind != "subquery":
+        nodes = {n.node_id: n for n in q.nodes}
+        for sq in d["subqueries"]:
+            node = nodes.get(node_id(q.id, sq["index"]))
+            if node is None:
                 continue
-            label = node.node_id.split(":")[-1]
             body = node.answer if node.ok else f"({node.status}: {node.error})"
-            print(f"  #{label} ({node.expert}, {node.output_tokens} tok, {node.end - node.start:.1f}s):")
+            print(f"  #{sq['index']} ({node.expert}, {node.output_tokens} tok, {node.end - node.start:.1f}s):")
             print(_wrap(body, "      "))
         print("--- final answer" + (" (partial)" if q.partial else ""))
-        print(_wrap(q.final_answer, "  "))
+        for line in q.final_answer.splitlines():
+            print(_wrap(line, "  "))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     print(f"\npolicy={result.policy}  {stages}")
     for alias, m in result.models.items():
@@ -54,3 +57,7 @@ def print_result(result: RunResult) -> None:
         print(f"memory: measured peak {mem['measured_peak_bytes'] / 2**30:.2f} GiB{planned}{budget}")
     for e in result.errors:
         print(f"error: {e}")
+    names = sorted({m["name"] for m in result.models.values()})
+    if names:
+        print(f"note: answered by {', '.join(names)}; small models state wrong facts with confidence, so check an "
+              "answer before relying on it (accuracy is measured in the README's Experiments section)")

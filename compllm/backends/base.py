@@ -1,8 +1,9 @@
 """The one interface every engine implements: a batch of chat requests in, texts and token counts out."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,23 @@ class Backend(Protocol):
 
     `max_live_rows` (a plan step's slots; None: all at once): at most that many rows decode at once, the
     others join as rows finish. Backends without continuous refill may ignore it: it changes speed and
-    memory, never answers."""
+    memory, never answers. `cancel`: once set, stop soon (within a decode step) by raising
+    `GenerationCancelled`: a timed-out call must really end before its step may count as done."""
 
     name: str
     stats: ModelStats
 
-    def generate(self, requests: Sequence[GenerationRequest],
-                 max_live_rows: int | None = None) -> list[Generation]: ...
+    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
+                 cancel: Optional[threading.Event] = None) -> list[Generation]: ...
 
 
 class BackendError(RuntimeError):
     """A model could not be loaded or could not generate; the message says which and why."""
+
+
+class GenerationCancelled(BackendError):
+    """The call was cancelled (its attempt timed out) and stopped early."""
+
+
+class BackendOutOfMemory(BackendError, MemoryError):
+    """The device ran out of memory during a call (retried as the `oom` fault)."""

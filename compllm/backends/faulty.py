@@ -3,19 +3,18 @@
 Turned on per model by config (`models.<alias>.fault_injection.enabled=true`, see conf/model/*.yaml),
 so a deployment can check that retries, timeouts and partial answers behave before a real outage does.
 Per call one draw picks at most one of: raise an error, report out-of-memory, or hang for `hang_s`
-(past the retry timeout; the hung call then finishes normally and its late answer is discarded).
+(past the retry timeout; a cancelled hang stops at once, as a real backend stops at its next decode step).
 Per request a second draw may blank the text, which the runtime counts as a failed attempt.
 """
 from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from compllm.backends.base import Backend, BackendError, Generation, GenerationRequest
+from compllm.backends.base import Backend, BackendError, Generation, GenerationCancelled, GenerationRequest
 
 KINDS = ("error", "oom", "hang", "empty")
 
@@ -81,7 +80,8 @@ class FaultyModel:
             r -= rate
         return kind, blanks
 
-    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
+                 cancel: threading.Event | None = None) -> list[Generation]:
         kind, blanks = self._draw(len(requests))
         if kind is not None:
             with self._lock:
@@ -90,9 +90,9 @@ class FaultyModel:
             raise InjectedFault(f"injected failure in {self.inner.name}")
         if kind == "oom":
             raise InjectedOutOfMemory(f"CUDA out of memory (injected into {self.inner.name})")
-        if kind == "hang":
-            time.sleep(self.settings.hang_s)
-        generations = list(self.inner.generate(requests, max_live_rows=max_live_rows))
+        if kind == "hang" and (cancel or threading.Event()).wait(self.settings.hang_s):
+            raise GenerationCancelled(f"injected hang in {self.inner.name} cancelled")
+        generations = list(self.inner.generate(requests, max_live_rows=max_live_rows, cancel=cancel))
         with self._lock:
             self.injected["empty"] += sum(blanks[: len(generations)])
         return [replace(g, text="", output_tokens=0) if blank else g for g, blank in zip(generations, blanks)]

@@ -9,7 +9,8 @@ import time
 from typing import Sequence
 
 from compiler.cost import admit_rows
-from compllm.backends.base import BackendError, Generation, GenerationRequest, ModelStats
+from compllm.backends.base import (BackendError, BackendOutOfMemory, Generation, GenerationCancelled,
+                                   GenerationRequest, ModelStats)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class HFModel:
         self.dtype = resolve_dtype(dtype, self.device)
         self.stats = ModelStats()
         self._lock = threading.Lock()  # one generate at a time per model copy
+        self._choice_ids: dict[tuple[str, ...], list[int]] = {}  # per instance: never keeps an evicted model alive
         start = time.perf_counter()
         kwargs = {k: v for k, v in (("gguf_file", gguf_file), ("revision", revision)) if v}
         try:
@@ -89,12 +91,13 @@ class HFModel:
     def render(self, request: GenerationRequest) -> str:
         return self.tokenizer.apply_chat_template(list(request.messages), tokenize=False, add_generation_prompt=True)
 
-    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
+                 cancel: threading.Event | None = None) -> list[Generation]:
         """Greedy answers for `requests`, decoded together; at most `max_live_rows` rows decode at once (None: all).
 
         With a cap below len(requests), the call runs as a continuously refilled batch: rows join (in request
         order, see `compiler.cost.admit_rows`) as others finish, so a long answer never decodes alone while
-        work is waiting.
+        work is waiting. `cancel` is checked before every forward pass.
         """
         import torch
 
@@ -104,7 +107,10 @@ class HFModel:
         prompts = [self.render(r) for r in requests]
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
-            rows, prompt_tokens = self._decode(prompts, requests, slots)
+            try:
+                rows, prompt_tokens = self._decode(prompts, requests, slots, cancel)
+            except torch.OutOfMemoryError as exc:
+                raise BackendOutOfMemory(f"model {self.name!r} ran out of device memory: {exc}") from exc
             seconds = time.perf_counter() - start
         results = []
         for request, (ids, finished), n_prompt in zip(requests, rows, prompt_tokens):
@@ -125,8 +131,8 @@ class HFModel:
         self.stats.generate_seconds += seconds
         return results
 
-    def _decode(self, prompts: Sequence[str], requests: Sequence[GenerationRequest],
-                slots: int) -> tuple[list[tuple[list[int], bool]], list[int]]:
+    def _decode(self, prompts: Sequence[str], requests: Sequence[GenerationRequest], slots: int,
+                cancel: threading.Event | None = None) -> tuple[list[tuple[list[int], bool]], list[int]]:
         """Greedy decoding of left-padded rows; each row leaves the batch as soon as it is done.
 
         `model.generate` keeps finished rows in the batch until the longest one ends, so one rambling answer
@@ -145,6 +151,8 @@ class HFModel:
         pending = list(range(len(requests)))  # admitted in request order
         batch: _LiveBatch | None = None
         while pending or batch is not None:
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"model {self.name!r}: call cancelled after {sum(map(len, tokens))} tokens")
             live = 0 if batch is None else len(batch.rows)
             admit = admit_rows(slots - live, len(pending), live)
             if admit:
@@ -205,13 +213,14 @@ class HFModel:
         """transformers 5.x names the forward's cache argument `cache`; 4.x `past_key_values`."""
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
-    @functools.lru_cache(maxsize=64)
     def _choice_token_ids(self, choices: tuple[str, ...]) -> list[int]:
         """The first token of each choice (option letters are one token in every tokenizer we ship)."""
-        ids = [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
-        if len(set(ids)) != len(ids):
-            raise BackendError(f"choices {choices} do not start with distinct tokens")
-        return ids
+        if choices not in self._choice_ids:
+            ids = [self.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+            if len(set(ids)) != len(ids):
+                raise BackendError(f"choices {choices} do not start with distinct tokens")
+            self._choice_ids[choices] = ids
+        return self._choice_ids[choices]
 
     @functools.cached_property
     def _eos_ids(self) -> set[int]:

@@ -1,14 +1,20 @@
 """Model aliases -> loaded backends, one shared copy per distinct weights/dtype/device."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import weakref
 from typing import Any, Mapping
 
 from compllm.backends.base import Backend, BackendError
 
 log = logging.getLogger(__name__)
 CACHE_DTYPE = "bfloat16"
+
+
+class NotResidentError(RuntimeError):
+    """A plan step used a model the plan had not loaded: a compiler or executor bug, never retried."""
 
 
 class ModelPool:
@@ -21,9 +27,6 @@ class ModelPool:
         self._faulty: dict[str, Backend] = {}  # alias -> fault-injection wrapper (models.<alias>.fault_injection)
         self._lock = threading.Lock()
 
-    def names(self) -> list[str]:
-        return list(self.specs)
-
     def spec(self, alias: str) -> dict:
         try:
             return self.specs[alias]
@@ -35,11 +38,24 @@ class ModelPool:
         return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "auto"), spec.get("device", "auto"))
 
     def get(self, alias: str) -> Backend:
+        """The alias's backend, loading it first if needed (plan `load` steps, the frontend, calibration)."""
         key = self._key(alias)
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = self._load(alias)
             return self._with_faults(alias, self._loaded[key])
+
+    def resident(self, alias: str) -> Backend:
+        """The alias's loaded backend; a generate step never loads: the plan said the model is resident."""
+        key = self._key(alias)
+        with self._lock:
+            if key not in self._loaded:
+                raise NotResidentError(f"model {alias!r} is not loaded, but a plan step uses it: the plan's load "
+                                       "steps and this run disagree (a compiler or executor bug)")
+            return self._with_faults(alias, self._loaded[key])
+
+    def is_loaded(self, alias: str) -> bool:
+        return self._key(alias) in self._loaded
 
     def _with_faults(self, alias: str, backend: Backend) -> Backend:
         """Per alias, not per weights: aliases sharing one copy can be chaos-tested independently."""
@@ -55,23 +71,27 @@ class ModelPool:
         return wrapper
 
     def evict(self, alias: str) -> None:
-        """Drop this alias's weights (and every alias sharing them) so their memory can be reused."""
+        """Drop this alias's weights (and every alias sharing them) so their memory is really freed: fault
+        wrappers let go of them too, and a weak reference checks that nothing else still holds the model."""
         key = self._key(alias)
         with self._lock:
             model = self._loaded.pop(key, None)
+            for other, wrapper in self._faulty.items():
+                if self._key(other) == key:
+                    wrapper.inner = None
         if model is None:
             return
+        gone = weakref.ref(model)
         del model
-        import gc
-
         gc.collect()
-        try:
-            import torch
+        import sys
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        torch = sys.modules.get("torch")  # only if a backend imported it
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if gone() is not None:
+            log.warning("model %r is still referenced after eviction (%s); its memory is not freed", alias,
+                        ", ".join(type(r).__name__ for r in gc.get_referrers(gone()))[:200])
 
     def loaded(self) -> dict[str, Backend]:
         """Alias -> backend for every alias whose weights are currently loaded."""

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
+from compiler.build import node_id
 from compllm.backends.base import GenerationRequest
 from compllm.frontend.decomposer import Decomposition
 from compllm.frontend.parse import SubQuery
@@ -40,39 +41,35 @@ class Composed:
     def __init__(self, name: str, drop_dependencies: bool = False):
         self.name, self.drop_dependencies = name, drop_dependencies
 
-    def decompositions(self, pipeline: Pipeline, queries: Sequence[str]) -> list[Decomposition]:
-        decompositions = pipeline.decompose(queries)
-        return [drop_dependencies(d) for d in decompositions] if self.drop_dependencies else decompositions
+    def run(self, pipeline: Pipeline, queries: Sequence[str]):
+        return pipeline.run(queries, rewrite=drop_dependencies if self.drop_dependencies else None)
 
     def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> tuple[list[SystemAnswer], dict | None]:
-        """The chunk's answers, and its Chrome trace (every generate call, per worker and per query)."""
-        start = time.perf_counter()
-        decompositions = self.decompositions(pipeline, queries)
-        frontend_s = time.perf_counter() - start
-        result, _ = pipeline.run(queries, decompositions=decompositions)
-        frontend_s += sum(result.timings.get(k, 0.0) for k in ("route", "build_graph", "compile"))
+        """The chunk's answers, and its Chrome trace (the planner call, every plan step, per worker and query)."""
+        result, graph = self.run(pipeline, queries)
         out = []
         for q in result.queries:
             nodes = {n.node_id: n for n in q.nodes}
             subs = []
             for sq in q.decomposition["subqueries"]:
-                node = nodes.get(f"{q.id}:{sq['index']}")
+                node = nodes.get(node_id(q.id, sq["index"]))
                 subs.append({"text": sq["text"], "depends_on": list(sq["depends_on"]), "expert": sq["expert"],
                              "route_score": sq["route_score"], "answer": node.answer if node else "",
                              "status": node.status if node else "missing"})
             errors = [f"{n.node_id}: {n.error}" for n in q.nodes if n.status == "failed"]
             out.append(SystemAnswer(
-                q.final_answer, frontend_s + q.latency, q.partial, "; ".join(errors), subs,
+                q.final_answer, q.latency, q.partial, "; ".join(errors), subs,
                 {k: q.decomposition[k] for k in ("fallback", "format", "reason")},
-                sum(n.attempts for n in q.nodes), q.latency))
+                sum(n.attempts for n in q.nodes), q.execute_latency))
         return out, result.trace
 
 
 class RouteOnly(Composed):
     """Each query is one sub-query; the router alone picks who answers it."""
 
-    def decompositions(self, pipeline: Pipeline, queries: Sequence[str]) -> list[Decomposition]:
-        return [Decomposition(q, (SubQuery(1, q, ()),), False, format="route_only") for q in queries]
+    def run(self, pipeline: Pipeline, queries: Sequence[str]):
+        return pipeline.run(queries, decompositions=[Decomposition(q, (SubQuery(1, q, ()),), False,
+                                                                   format="route_only") for q in queries])
 
 
 class Monolithic:

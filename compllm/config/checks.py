@@ -10,16 +10,15 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from compiler.errors import CompileError, ConfigError
+from compiler.ir import AGGREGATOR
+from compiler.pass_manager import check_pipeline
 from compllm.backends.faulty import FaultSettings
 from compllm.backends.hf import DECODE_MATMULS, DTYPES
 from compllm.config.models import source_problems, weight_bytes_lower_bound
-from compllm.runtime.context import AGGREGATOR
 
 BACKENDS = ("hf",)
-
-
-class ConfigError(ValueError):
-    """The composed config is inconsistent; the message lists every problem with its fix."""
+__all__ = ["ConfigError", "check_config"]
 
 
 def check_config(cfg: Any) -> None:
@@ -73,7 +72,7 @@ def _check(cfg: Any) -> None:
         problems.append(
             f"router.fallback_expert={fallback!r} is not an expert; configured experts: {', '.join(cfg.experts)}"
         )
-    problems += _limit_problems(cfg) + _path_problems(cfg)
+    problems += _limit_problems(cfg) + _path_problems(cfg) + _compiler_problems(cfg)
     if not problems:  # weights are only looked for once the config itself is sound
         problems += _weights_problems(cfg)
     if len(problems) == 1:
@@ -117,6 +116,17 @@ def _path_problems(cfg: Any) -> list[str]:
     return problems
 
 
+def _compiler_problems(cfg: Any) -> list[str]:
+    """The compiler config's ranges and its pass pipeline's contracts, before anything loads."""
+    try:
+        config = OmegaConf.to_object(cfg.compiler)
+        config.validate()
+        check_pipeline(config.passes, config.disabled)
+    except CompileError as exc:
+        return [f"compiler: {exc}"]
+    return []
+
+
 def _used_models(cfg: Any) -> list[str]:
     return list(dict.fromkeys([cfg.decomposer.model, cfg.aggregator.model, *(e.model for e in cfg.experts.values())]))
 
@@ -135,6 +145,8 @@ def _weights_problems(cfg: Any) -> list[str]:
             problems.append(f"{what}; set it on the command line, e.g. models.{alias}.source.path=/path/to/model")
             continue
         problems += source_problems(alias, spec, cfg.get("cache_dir"))
+        if budget is not None:  # weights take their compute dtype's bytes: resolve `auto` as the loader will
+            spec["dtype"] = _compute_dtype(spec)
         bound = weight_bytes_lower_bound(spec, cfg.get("cache_dir")) if budget is not None else None
         if bound is not None and bound[0] > budget:
             need, how = bound
@@ -143,3 +155,13 @@ def _weights_problems(cfg: Any) -> list[str]:
                 f"({spec.get('name')}): its weights alone take at least {need:,} bytes ({how}); raise it, e.g. "
                 f"compiler.memory_budget=${{gib:{-(-need // 2**30)}}}, or pick a smaller model")
     return problems
+
+
+def _compute_dtype(spec: dict) -> str:
+    from compllm.backends.base import BackendError
+    from compllm.backends.hf import resolve_device, resolve_dtype
+
+    try:
+        return resolve_dtype(str(spec.get("dtype", "auto")), resolve_device(str(spec.get("device", "auto"))))
+    except BackendError:
+        return str(spec.get("dtype", "auto"))

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from compiler.build import FinalAnswer
 from compiler.config import CompilerConfig
 
 
@@ -83,18 +84,18 @@ class AggregatorConfig:
     _target_: str = "compllm.runtime.prompts.Aggregator"
     model: str = "default"
     system_prompt: str = MISSING
+    mode: FinalAnswer = FinalAnswer.join
     max_new_tokens: int = 160
     max_answer_chars: int = 600
     skip_single: bool = True
-    list_enumerated: bool = True  # numbered questions (decomposer.split_enumerated) get a numbered list of answers
     stop: List[str] = field(default_factory=list)
 
 
 @dataclass
 class PolicyConfig:
-    _target_: str = MISSING
+    _target_: str = "compllm.runtime.executor.PlanExecutor"
     name: str = MISSING
-    barrier: Optional[bool] = None  # PlanExecutor only: run plan steps one at a time (the `level` policy)
+    barrier: bool = False  # run plan steps one at a time in plan order (the `level` and `sequential` policies)
 
 
 @dataclass

@@ -4,18 +4,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from compiler.choices import option_letters
-from compllm.backends.base import BackendError, Generation, GenerationRequest
+from compllm.backends.base import Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
 from compllm.frontend.enumerated import split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
-
-# A failed decomposer call costs the split, not the query: every query then falls back to one sub-query.
-CALL_ERRORS = (BackendError, RuntimeError, ValueError, TimeoutError, MemoryError)
+from compllm.runtime.faults import CallOutcome
 
 log = logging.getLogger(__name__)
+
+#: How the decomposer reaches its model: the runtime's retry/timeout path, one outcome per request, never raising.
+PlannerCall = Callable[[list[GenerationRequest]], list[CallOutcome]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Decomposition:
     raw_output: str = ""
     format: str = ""
     generation: Generation | None = field(default=None, compare=False)
+    omitted: str = ""  # parts of the query that will not be answered (over a cap), said in the final answer
 
 
 class Decomposer:
@@ -79,30 +81,37 @@ class Decomposer:
         parts = split_enumerated(capped)
         if parts is None:
             return None
+        omitted = ""
         if len(parts) > self.max_subqueries:
-            warnings += (f"{len(parts)} numbered questions; only the first {self.max_subqueries} are answered "
-                         "(decomposer.max_subqueries)",)
+            first, last = self.max_subqueries + 1, len(parts)
+            which = f"question {first} of {last} was" if first == last else f"questions {first}-{last} of {last} were"
+            omitted = f"{which} not answered: at most {self.max_subqueries} are (decomposer.max_subqueries)"
+            warnings += (omitted,)
         subqueries = tuple(SubQuery(i, text[: self.max_chars], (), self.answer_type(text)) for i, text in
                            enumerate(parts[: self.max_subqueries], 1))
-        return Decomposition(capped, subqueries, False, "", warnings, "", "enumerated")
+        return Decomposition(capped, subqueries, False, "", warnings, "", "enumerated", omitted=omitted)
 
-    def decompose(self, backend, queries: Sequence[str]) -> list[Decomposition]:
-        """Numbered queries split at their numbers; one batched model call for the rest, each output parsed
-        (or the query falls back to itself)."""
+    def needs_model(self, queries: Sequence[str]) -> list[str]:
+        """The queries a model must split (the others number their own questions)."""
+        return [q for q in queries if self.enumerated(q) is None]
+
+    def decompose(self, call: PlannerCall, queries: Sequence[str]) -> list[Decomposition]:
+        """Numbered queries split at their numbers; one batched model call for the rest (through `call`, the
+        runtime's retry/timeout path), each output parsed, or the query falls back to itself."""
         done = {i: d for i, q in enumerate(queries) if (d := self.enumerated(q)) is not None}
         rest = [q for i, q in enumerate(queries) if i not in done]
-        parsed = iter(self._decompose_with_model(backend, rest) if rest else ())
+        parsed = iter(self._decompose_with_model(call, rest) if rest else ())
         return [done[i] if i in done else next(parsed) for i in range(len(queries))]
 
-    def _decompose_with_model(self, backend, queries: Sequence[str]) -> list[Decomposition]:
-        try:
-            generations = list(backend.generate([self.request(q) for q in queries]))
-            if len(generations) != len(queries):
-                raise BackendError(f"{len(generations)} generations for {len(queries)} queries")
-        except CALL_ERRORS as exc:
-            log.warning("decomposer call failed (%s: %s); answering every query unsplit", type(exc).__name__, exc)
-            return [self.single(q, reason=f"decomposer call failed: {type(exc).__name__}: {exc}") for q in queries]
-        return [self.parse(q, g.text, g) for q, g in zip(queries, generations)]
+    def _decompose_with_model(self, call: PlannerCall, queries: Sequence[str]) -> list[Decomposition]:
+        out = []
+        for query, outcome in zip(queries, call([self.request(q) for q in queries])):
+            if outcome.generation is None:
+                log.warning("decomposer call failed (%s); answering the query unsplit", outcome.error)
+                out.append(self.single(query, reason=f"decomposer call failed: {outcome.error}"))
+            else:
+                out.append(self.parse(query, outcome.generation.text, outcome.generation))
+        return out
 
     def parse(self, query: str, raw: str, generation: Generation | None = None) -> Decomposition:
         capped, warnings = self.cap(query)
@@ -111,8 +120,9 @@ class Decomposer:
         except DecompositionParseError as exc:
             log.warning("decomposer output unusable (%s); answering the query as a single sub-query", exc)
             return self.single(query, reason=str(exc), raw=raw, generation=generation)
+        omitted = next((w for w in parsed.warnings if "exceed the cap" in w), "")
         return Decomposition(capped, parsed.subqueries, False, "", warnings + parsed.warnings, raw, parsed.format,
-                             generation)
+                             generation, omitted)
 
     def single(self, query: str, reason: str, raw: str = "", generation: Generation | None = None) -> Decomposition:
         """The documented fallback: the original query, unsplit, as sub-query #1."""

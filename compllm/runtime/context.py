@@ -1,19 +1,23 @@
-"""What every executor needs to turn a node into a model call, shared so policies differ only in scheduling."""
+"""What an executor needs to turn a plan step's nodes into a model call and record the outcome.
+
+It makes no decisions: which nodes share a call, on which model, and which nodes need no call at all come from
+the plan; this module only builds the prompts, calls the backend under the experts' retry policies, and
+records what happened.
+"""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from compiler.ir import AnswerType, Graph, Node, NodeKind
+from compiler.ir import Graph, Node, NodeKind
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.experts import Expert
 from compllm.runtime.faults import CallOutcome, RetryPolicy, generate_with_retry
 from compllm.runtime.prompts import Aggregator, fill, subquery_request
 from compllm.runtime.result import NodeResult
-
-AGGREGATOR = "aggregator"  # the expert name aggregate nodes carry in the IR
 
 
 @dataclass
@@ -25,12 +29,20 @@ class ExecutionContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     t0: float = field(default_factory=time.perf_counter)
 
-    def generate(self, model: str, requests: list[GenerationRequest], what: str, slots: int = 0) -> list[CallOutcome]:
-        """One (batched) model call under the retry/timeout policy: one outcome per request, never an exception
-        for a recoverable fault (errors, timeouts, out-of-memory, empty text). `slots` (from the plan): at most
-        that many rows decode at once, the rest join as rows finish; 0 = all at once."""
-        return generate_with_retry(lambda batch: self.pool.get(model).generate(batch, max_live_rows=slots or None),
-                                   requests, self.retry, what)
+    def generate(self, model: str, requests: Sequence[GenerationRequest], policies: Sequence[RetryPolicy],
+                 what: str, slots: int = 0) -> list[CallOutcome]:
+        """One (batched) call on a resident model under the requests' retry policies: one outcome per request,
+        never an exception. `slots` (from the plan): at most that many rows decode at once; 0 = all at once."""
+
+        def call(batch: list[GenerationRequest], cancel: threading.Event):
+            return self.pool.resident(model).generate(batch, max_live_rows=slots or None, cancel=cancel)
+
+        return generate_with_retry(call, list(requests), policies, what)
+
+    def policy(self, node: Node) -> RetryPolicy:
+        """The node's expert's own retry policy where it has one, else the run's."""
+        expert = self.experts.get(node.expert)
+        return expert.retry if expert is not None and expert.retry is not None else self.retry
 
     @staticmethod
     def record(res: NodeResult, outcome: CallOutcome) -> None:
@@ -44,12 +56,9 @@ class ExecutionContext:
         res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
         res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
 
-    def model_of(self, node: Node) -> str:
-        return self.aggregator.model if node.kind is NodeKind.AGGREGATE else self.experts[node.expert].model
-
-    def new_result(self, node: Node) -> NodeResult:
-        qid = node.provenance.query_id if node.provenance else node.id.split(":")[0]
-        return NodeResult(node.id, qid, node.kind.value, node.expert, self.model_of(node))
+    def new_result(self, node: Node, model: str) -> NodeResult:
+        qid = node.provenance.query_id if node.provenance else ""
+        return NodeResult(node.id, qid, node.kind.value, node.expert, model)
 
     def request(self, graph: Graph, node: Node, results: Mapping[str, NodeResult]) -> GenerationRequest:
         answers = {nid: r.answer for nid, r in results.items() if r.ok}
@@ -63,27 +72,10 @@ class ExecutionContext:
             return self.aggregator.request(node.template, parts, chained)
         return subquery_request(node, self.experts[node.expert], answers, self.max_answer_chars)
 
-    def passthrough(self, node: Node, results: Mapping[str, NodeResult]) -> str | None:
-        """An aggregate answered without a model call: a LIST aggregate (the query numbered its questions) is its
-        answers as numbered lines; with skip_single, an aggregate over one successful sub-query is its answer."""
-        if node.kind is NodeKind.AGGREGATE and node.answer_type is AnswerType.LIST:
-            lines = []
-            for label, parent in node.inputs.items():
-                res = results.get(parent)
-                body = " ".join(res.answer.split()) if res and res.ok else \
-                    f"(no answer: {res.error or res.status if res else 'not run'})"
-                lines.append(f"Question {label.lstrip('#')}: {body}")
-            return "\n".join(lines)
-        if node.kind is NodeKind.AGGREGATE and self.aggregator.skip_single and len(node.inputs) == 1:
-            only = results.get(next(iter(node.inputs.values())))
-            if only is not None and only.ok:
-                return only.answer
-        return None
-
     def blocked_by(self, node: Node, results: Mapping[str, NodeResult]) -> str | None:
         """A sub-query whose parent failed or was skipped cannot run: say which parent."""
         if node.kind is NodeKind.AGGREGATE:
-            return None  # the aggregator answers from whatever exists
+            return None  # the final answer is made from whatever exists, and says what is missing
         for parent in node.parents:
             res = results.get(parent)
             if res is None or not res.ok:

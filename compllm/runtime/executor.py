@@ -1,38 +1,52 @@
-"""Run a compiled Plan: eager dataflow over its steps, one worker per stream, batches exactly as planned.
+"""Run a compiled Plan: eager dataflow over its steps, one worker per stream, exactly as planned.
 
-The executor never re-plans: which nodes share a call, which model is loaded or evicted when, and which
-stream runs what were decided by the compiler. A step starts as soon as its dependencies are done
-(`barrier=True` instead runs the steps one at a time in plan order: the `level` policy's barriers).
-On CUDA each stream worker issues its work on its own `torch.cuda.Stream`.
+The executor never re-plans: which nodes share a call, which model is loaded or evicted when, which stream runs
+what, and which nodes need no model call (host steps) were decided by the compiler. A coordinator asks the
+shared `compiler.walker.PlanWalker` which steps may start (dependencies done, first of their stream) and hands
+each to its stream's worker thread; a step counts as done only when its work has really ended (a timed-out
+call included). `barrier=True` instead runs the steps one at a time in plan order: the `level` and
+`sequential` policies. On CUDA each stream worker issues its kernels on its own `torch.cuda.Stream`.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import threading
-from collections import defaultdict
-from typing import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Mapping, Protocol
 
+from compiler.chains import split_answer
 from compiler.ir import Graph, Node
-from compiler.passes.fuse import split_answer
 from compiler.plan import Plan, Step, StepKind
+from compiler.walker import PlanWalker
 from compllm.runtime.context import ExecutionContext
+from compllm.runtime.host import run_host
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
 
 log = logging.getLogger(__name__)
 
 
-class PlanExecutor:
-    needs_plan = True
+class Executor(Protocol):
+    """What a policy is: a name, and a way to run a plan that returns every original node's result."""
 
+    name: str
+    step_records: list[StepRecord]
+
+    def run(self, plan: Plan, ctx: ExecutionContext, original: Graph, progress: Any = None) -> dict[str, NodeResult]:
+        ...
+
+
+class PlanExecutor:
     def __init__(self, name: str = "compiled", barrier: bool = False):
         self.name = name
         self.barrier = barrier
         self.step_records: list[StepRecord] = []
 
-    def run(self, graph: Graph, ctx: ExecutionContext, plan: Plan | None = None, progress=None) -> dict[str, NodeResult]:
-        if plan is None or plan.graph is None:
-            raise ValueError(f"policy {self.name!r} executes a compiled plan; none was given")
+    def run(self, plan: Plan, ctx: ExecutionContext, original: Graph, progress: Any = None) -> dict[str, NodeResult]:
+        """Execute `plan`; results are keyed by `original`'s node ids (deduped nodes share their twin's answer)."""
+        if plan.graph is None:
+            raise ValueError(f"policy {self.name!r}: the plan carries no graph")
         run = _Run(plan, ctx, progress)
         if self.barrier:
             for step in plan.steps:
@@ -40,46 +54,47 @@ class PlanExecutor:
         else:
             run.run_streams()
         self.step_records = run.records
-        return run.finish(graph)
+        return run.finish(original)
 
 
 class _Run:
     """State of one plan execution, shared by the stream workers."""
 
-    def __init__(self, plan: Plan, ctx: ExecutionContext, progress):
+    def __init__(self, plan: Plan, ctx: ExecutionContext, progress: Any):
         self.plan, self.ctx, self.progress = plan, ctx, progress
         self.graph: Graph = plan.graph
         self.results: dict[str, NodeResult] = {}
-        self.done = {s.id: threading.Event() for s in plan.steps}
         self.records: list[StepRecord] = []
         self.lock = threading.Lock()
-        self.errors: list[BaseException] = []
+        self.parts_of: dict[str, list[str]] = {}  # fused node -> its part nodes
+        for node in self.graph:
+            if node.part_of is not None:
+                self.parts_of.setdefault(node.part_of, []).append(node.id)
 
     # --- scheduling ---------------------------------------------------------------------------
     def run_streams(self) -> None:
-        by_stream: dict[int, list[Step]] = defaultdict(list)
-        for step in self.plan.steps:  # plan order is topological, so no stream can wait on a later step
-            by_stream[step.stream].append(step)
-        workers = [threading.Thread(target=self._worker, args=(sid, steps), name=f"compllm-stream-{sid}", daemon=True)
-                   for sid, steps in sorted(by_stream.items())]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        if self.errors:
-            raise self.errors[0]
-
-    def _worker(self, stream_id: int, steps: list[Step]) -> None:
+        walker = PlanWalker(self.plan.steps)
+        workers = {stream: ThreadPoolExecutor(1, thread_name_prefix=f"compllm-stream-{stream}",
+                                              initializer=_bind_device_stream)
+                   for stream in {s.stream for s in self.plan.steps}}
+        running: dict[Future, Step] = {}
         try:
-            with _device_stream(self.ctx, stream_id):
-                for step in steps:
-                    for dep in step.deps:
-                        self.done[dep].wait()
-                    self.execute(step)
-        except BaseException as exc:  # an executor bug: release every waiter, then re-raise in the caller
-            self.errors.append(exc)
-            for event in self.done.values():
-                event.set()
+            while True:
+                for step in walker.ready():
+                    running[workers[step.stream].submit(self.execute, step)] = step
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    step = running.pop(future)
+                    future.result()  # an executor bug: re-raised here, after the other steps are drained below
+                    walker.finish(step.id)
+        finally:
+            for pool in workers.values():
+                pool.shutdown(wait=True)
+        if not walker.finished:
+            raise RuntimeError(f"plan steps never became ready: {walker.stuck_heads()} (the plan breaks the "
+                               "executor contract; Plan.verify() should have refused it)")
 
     # --- steps --------------------------------------------------------------------------------
     def execute(self, step: Step) -> None:
@@ -89,32 +104,44 @@ class _Run:
                 self.ctx.pool.get(step.model)
             elif step.kind is StepKind.EVICT:
                 self.ctx.pool.evict(step.model)
+            elif step.kind is StepKind.HOST:
+                self._host(step)
             else:
                 self._generate(step)
+                _synchronize_device()
         finally:
             with self.lock:
                 self.records.append(StepRecord(step.id, step.kind.value, step.model, step.stream, start,
                                                self.ctx.now(), step.nodes, step.slots))
-            self.done[step.id].set()
+
+    def _host(self, step: Step) -> None:
+        with self.lock:
+            for node_id in step.nodes:
+                node = self.graph.nodes[node_id]
+                res = self.results[node_id] = self.ctx.new_result(node, "")
+                res.start = self.ctx.now()
+                res.answer, res.error = run_host(node, self.results)
+                res.status = "ok" if not res.error else "failed"
+                res.end = self.ctx.now()
+        self._advance(step)
 
     def _generate(self, step: Step) -> None:
         runnable: list[tuple[Node, NodeResult]] = []
         with self.lock:
             for node_id in step.nodes:
                 node = self.graph.nodes[node_id]
-                res = self.results[node_id] = self.ctx.new_result(node)
+                res = self.results[node_id] = self.ctx.new_result(node, step.model)
                 res.start = self.ctx.now()
                 blocked = self.ctx.blocked_by(node, self.results)
-                passthrough = self.ctx.passthrough(node, self.results)
                 if blocked:
                     res.status, res.error, res.end = "skipped", blocked, res.start
-                elif passthrough is not None:
-                    res.status, res.answer, res.end = "ok", passthrough, res.start
+                    self._skip_parts(node, res)
                 else:
                     runnable.append((node, res))
             requests = [self.ctx.request(self.graph, node, self.results) for node, _ in runnable]
         if requests:
-            outcomes = self.ctx.generate(step.model, requests, step.id, step.slots)
+            outcomes = self.ctx.generate(step.model, requests, [self.ctx.policy(n) for n, _ in runnable], step.id,
+                                         step.slots)
             with self.lock:
                 end = self.ctx.now()
                 for (node, res), request, outcome in zip(runnable, requests, outcomes):
@@ -122,8 +149,12 @@ class _Run:
                     self.ctx.record(res, outcome)
                     if not res.ok:
                         log.error("node %s failed: %s", node.id, res.error)
+                        self._skip_parts(node, res)
                     elif node.fused_from:
                         self._store_parts(node, res)
+        self._advance(step)
+
+    def _advance(self, step: Step) -> None:
         if self.progress is not None:
             self.progress.update(len(step.nodes))
 
@@ -131,57 +162,53 @@ class _Run:
         """A fused node's reply answers several original nodes: give each part node its share."""
         parts = split_answer(fused, res.answer)
         res.answer = parts.get(fused.id, res.answer)
-        for node in self.graph:
-            if node.part_of == fused.id:
-                part = self.results[node.id] = self.ctx.new_result(node)
-                part.start, part.end = res.start, res.end
-                part.status, part.answer = "ok", parts.get(node.id, "")
-                if not part.answer:
-                    part.status, part.error = "failed", f"fused reply of {fused.id} has no part for {node.id}"
+        for part_id in self.parts_of.get(fused.id, ()):
+            part = self.results[part_id] = self.ctx.new_result(self.graph.nodes[part_id], res.model)
+            part.start, part.end = res.start, res.end
+            part.status, part.answer = "ok", parts.get(part_id, "")
+            if not part.answer:
+                part.status, part.error = "failed", f"fused reply of {fused.id} has no part for {part_id}"
+
+    def _skip_parts(self, fused: Node, res: NodeResult) -> None:
+        for part_id in self.parts_of.get(fused.id, ()):
+            part = self.results[part_id] = self.ctx.new_result(self.graph.nodes[part_id], res.model)
+            part.start, part.end = res.start, res.end
+            part.status, part.error = "skipped", f"part of {fused.id}, which {res.status}: {res.error}"
 
     # --- results ------------------------------------------------------------------------------
     def finish(self, original: Graph) -> dict[str, NodeResult]:
         """Results keyed by the *original* graph's node ids: deduped nodes take their kept twin's answer."""
         out: dict[str, NodeResult] = {}
-        for node_id in original.nodes:
-            kept = _resolve(node_id, self.plan.aliases)
+        for node_id, node in original.nodes.items():
+            kept = self.plan.aliases.get(node_id, node_id)
             res = self.results.get(kept)
             if res is None:
-                res = self.ctx.new_result(original.nodes[node_id])
+                res = self.ctx.new_result(node, "")
                 res.status, res.error = "skipped", "not part of any executed step (compiled away)"
             elif kept != node_id:
                 twin = NodeResult(**{**res.__dict__, "node_id": node_id,
-                                     "query_id": self.ctx.new_result(original.nodes[node_id]).query_id})
+                                     "query_id": node.provenance.query_id if node.provenance else res.query_id})
                 twin.note = f"deduplicated: shares the answer of {kept}"
                 res = twin
             out[node_id] = res
         return out
 
 
-def _resolve(node_id: str, aliases: Mapping[str, str]) -> str:
-    while node_id in aliases:
-        node_id = aliases[node_id]
-    return node_id
+def _cuda() -> Any:
+    """torch, when a backend imported it and a GPU is present; None otherwise (never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() else None
 
 
-class _device_stream:
-    """On CUDA, issue this worker's kernels on its own stream; elsewhere a no-op."""
+def _bind_device_stream() -> None:
+    """Worker initializer: on CUDA this worker thread issues its kernels on a stream of its own."""
+    torch = _cuda()
+    if torch is not None:
+        torch.cuda.set_stream(torch.cuda.Stream())
 
-    def __init__(self, ctx: ExecutionContext, stream_id: int):
-        self.ctx, self.stream_id, self._cm = ctx, stream_id, None
 
-    def __enter__(self):
-        import torch
-
-        if torch.cuda.is_available():
-            self._cm = torch.cuda.stream(torch.cuda.Stream())
-            self._cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._cm is not None:
-            import torch
-
-            torch.cuda.current_stream().synchronize()  # results are read on the host by dependents' workers
-            self._cm.__exit__(*exc)
-        return False
+def _synchronize_device() -> None:
+    """Results are read on the host by dependents' workers: wait for this worker's stream."""
+    torch = _cuda()
+    if torch is not None:
+        torch.cuda.current_stream().synchronize()

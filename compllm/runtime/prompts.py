@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from compiler.build import FinalAnswer
 from compiler.choices import option_letters
 from compiler.ir import REFERENCE, AnswerType, Node
 from compllm.backends.base import GenerationRequest
@@ -57,18 +58,24 @@ def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max
 
 @dataclass(frozen=True)
 class Aggregator:
-    """Synthesizes the final answer from the experts' answers to the sub-queries."""
+    """How a query's final answer is made from the experts' answers.
+
+    `mode=join` (default): the answers of the parts nothing else reads, unchanged, one per line: no model call,
+    so nothing is invented or dropped. `mode=model`: the aggregator model writes it from every part's answer
+    (the paper's aggregator); a query of one part (`skip_single`) or of numbered questions is still joined.
+    Which applies is decided when the graph is built (`compiler.build.FinalAnswer`), so the plan knows it.
+    """
 
     model: str
     system_prompt: str
+    mode: FinalAnswer = FinalAnswer.join
     max_new_tokens: int = 160
     max_answer_chars: int = 600
-    skip_single: bool = True  # one sub-query: its answer *is* the final answer, no extra model call
-    # A query that numbered its own questions gets its answers back as a numbered list, no model call.
-    # Measured on Qwen2.5-Coder-0.5B (4 meqa_p items): asked to merge the experts' letters, it re-copied the
-    # questions and lost 11 of 15 letters, at ~25 s per item.
-    list_enumerated: bool = True
+    skip_single: bool = True  # mode=model: one sub-query's answer *is* the final answer, no extra model call
     stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", FinalAnswer(self.mode))
 
     def request(self, query: str, parts: Sequence[tuple[str, str, str]], chained: bool = False) -> GenerationRequest:
         """`parts` = (label, sub-question, answer or a note that it is missing). `chained`: some part used an

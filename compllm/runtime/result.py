@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from compiler.ir import Graph
+    from compiler.plan import Plan
+    from compllm.frontend.decomposer import Decomposition
+    from compllm.frontend.router import Route
+    from compllm.runtime.trace import StepRecord
 
 
 @dataclass
@@ -11,7 +18,7 @@ class NodeResult:
     query_id: str
     kind: str
     expert: str
-    model: str
+    model: str  # the model alias the plan ran it on ("" for host steps)
     prompt: str = ""
     answer: str = ""
     status: str = "pending"  # ok | failed | skipped
@@ -35,10 +42,12 @@ class QueryResult:
     id: str
     query: str
     final_answer: str
-    partial: bool  # some sub-query failed or was skipped: the answer rests on what exists
+    partial: bool  # some sub-query failed or was skipped, or parts were over a cap: the answer says which
     decomposition: dict[str, Any]
     nodes: list[NodeResult]
-    latency: float = 0.0  # seconds from run start to this query's final answer
+    latency: float = 0.0  # seconds from the run's start (planner included) to this query's final answer
+    execute_latency: float = 0.0  # seconds from the plan's execution start to this query's final answer
+    unanswered: list[str] = field(default_factory=list)  # which parts got no answer, and why
 
 
 @dataclass
@@ -48,9 +57,47 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # alias -> load time, tokens
     errors: list[str] = field(default_factory=list)
-    plan: dict[str, Any] | None = None  # the compiled plan that ran (None for the sequential baseline)
+    plan: dict[str, Any] | None = None  # the compiled plan that ran
     trace: dict[str, Any] = field(default_factory=dict)  # Chrome trace events; written to trace.json
     memory: dict[str, Any] = field(default_factory=dict)  # measured peak vs the compiler's planned peak and budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_execution(cls, policy: str, graph: "Graph", decompositions: Sequence["Decomposition"],
+                       routes: Sequence[Sequence["Route"]], node_results: Mapping[str, NodeResult], plan: "Plan",
+                       records: Sequence["StepRecord"], timings: Mapping[str, float], loaded: Mapping[str, Any],
+                       memory: dict[str, Any], execute_start: float) -> "RunResult":
+        from compllm.runtime.trace import chrome_trace
+
+        queries = [_query_result(qid, query.text, query.sink, d, rs, graph, node_results, execute_start)
+                   for (qid, query), d, rs in zip(graph.queries.items(), decompositions, routes)]
+        models = {alias: {"name": m.name, "load_seconds": round(m.stats.load_seconds, 3), "calls": m.stats.calls,
+                          "prompt_tokens": m.stats.prompt_tokens, "output_tokens": m.stats.output_tokens}
+                  for alias, m in loaded.items()}
+        errors = [f"{r.node_id}: {r.error}" for q in queries for r in q.nodes if r.status == "failed"]
+        trace = chrome_trace(policy, node_results.values(), records)
+        return cls(policy, queries, {k: round(v, 3) for k, v in timings.items()}, models, errors, plan.to_dict(),
+                   trace, memory)
+
+
+def _query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: Sequence["Route"], graph: "Graph",
+                  results: Mapping[str, NodeResult], execute_start: float) -> QueryResult:
+    nodes = [results[n.id] for n in graph if n.provenance and n.provenance.query_id == qid]
+    sink = results[sink_id]
+    unanswered = [f"part {graph.nodes[r.node_id].provenance.subquery_index}: {r.error or r.status}" for r in nodes
+                  if not r.ok and r.kind == "subquery"]
+    if d.omitted:
+        unanswered.append(d.omitted)
+    final = sink.answer if sink.ok else f"(no answer: {sink.error})"
+    if d.omitted:
+        final += f"\n(Not answered: {d.omitted}.)"
+    decomposition = {
+        "fallback": d.fallback, "reason": d.reason, "format": d.format, "warnings": list(d.warnings),
+        "raw_output": d.raw_output,
+        "subqueries": [{**asdict(sq), "expert": r.expert, "route_score": round(r.score, 4), "routed_by": r.routed_by}
+                       for sq, r in zip(d.subqueries, routes)],
+    }
+    return QueryResult(qid, text, final, bool(unanswered), decomposition, nodes, sink.end,
+                       sink.end - execute_start, unanswered)

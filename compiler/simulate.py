@@ -1,10 +1,11 @@
-"""The `sim` backend: execute a `Plan` on a virtual clock with the cost model (no weights, no sleeping).
+"""The simulator: a second plan executor, on a virtual clock with the cost model (no weights, no sleeping).
 
 For scale studies (1,000 queries x 16 experts on a simulated 80 GB GPU) and for checking the compiler:
-the simulator follows the executor contract of `compiler/plan.py` exactly (a step starts once all its
-deps are done *and* its stream is free; one stream runs its steps one at a time in plan order) and
-raises `PlanViolation` where a real executor would crash or overflow: a generate whose model is not
-resident, an evict under a running batch, reserved bytes over `plan.memory_budget`.
+the simulator follows the executor contract of `compiler/plan.py` exactly, through the same
+`compiler.walker.PlanWalker` the real executor drives (a step starts once all its deps are done *and* its
+stream is free; one stream runs its steps one at a time in plan order), and raises `PlanViolation` where a
+real executor would crash or overflow: a generate whose model is not resident, an evict under a running
+batch, reserved bytes over `plan.memory_budget` (the runtime base and a load's transient included).
 
 Durations come from the cost model passed in (so a plan compiled with one cost model can be replayed
 with another, e.g. a calibrated one): generate = `cost.batch_seconds(model, tokens of its nodes)`,
@@ -40,8 +41,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Optional
 
+from compiler import trace_events as te
 from compiler.cost import CostModel
 from compiler.plan import Plan, Step, StepKind
+from compiler.walker import PlanWalker
 
 #: H100 SXM HBM3 peak bandwidth (bytes/s): the default simulated GPU.
 DEFAULT_BANDWIDTH_BPS = 3.35e12
@@ -126,7 +129,7 @@ def _step_cost(s: Step, plan: Plan, cost: CostModel) -> tuple[float, int, int, i
     """(seconds, KV bytes while running, bytes counted in the bound, KV re-read by decode steps)."""
     if s.kind is StepKind.LOAD:
         return cost.load_seconds(s.model), 0, 0, 0
-    if s.kind is StepKind.EVICT:
+    if s.kind in (StepKind.EVICT, StepKind.HOST):
         return 0.0, 0, 0, 0
     graph = plan.graph
     if graph is None:  # tokens unknown: trust the plan's estimate; only the batch KV counts as bytes
@@ -134,7 +137,7 @@ def _step_cost(s: Step, plan: Plan, cost: CostModel) -> tuple[float, int, int, i
     tokens = [cost.node_tokens(graph.nodes[n], graph) for n in s.nodes]
     mc = cost.cost(s.model)
     slots = s.slots or None
-    kv = cost.batch_kv_bytes(s.model, tokens, slots)
+    kv = cost.batch_bytes(s.model, tokens, slots)
     steps = cost.decode_steps(tokens, slots)
     prompt, out = max((p for p, _ in tokens), default=0), max((o for _, o in tokens), default=0)
     reread = len(tokens) * mc.kv_bytes_per_token * (out * prompt + out * (out - 1) // 2)  # step t: prompt+t-1
@@ -200,39 +203,29 @@ class _Run:
     that advances at 1/k per second while k generates run (each finishes when `work` reaches its tag)."""
 
     def __init__(self, plan: Plan, cost: CostModel, costs: _Costs, index: dict[str, int], shared: bool):
-        self.plan, self.cost, self.costs, self.shared = plan, cost, costs, shared
-        steps = plan.steps
-        self.pending = [len(set(s.deps)) for s in steps]
-        self.dependents: list[list[int]] = [[] for _ in steps]
-        for i, s in enumerate(steps):
-            for d in set(s.deps):
-                self.dependents[index[d]].append(i)
-        self.queues: dict[int, list[int]] = {}
-        for i, s in enumerate(steps):
-            self.queues.setdefault(s.stream, []).append(i)
-        self.head = {stream: 0 for stream in self.queues}
-        self.running: set[int] = set()  # streams with a step running
+        self.plan, self.cost, self.costs, self.index, self.shared = plan, cost, costs, index, shared
+        self.walker = PlanWalker(plan.steps)
         self.start: dict[int, float] = {}
         self.timed: list[tuple[float, int, int]] = []  # (end time, seq, step)
         self.tagged: list[tuple[float, int, int]] = []  # (end work tag, seq, step): shared generates
         self.seq = 0
         self.now = self.work = 0.0
         self.gens = 0  # generates running
-        self.done = 0
-        # memory
-        self.resident: dict[str, str] = {}  # model -> "loading" | "loaded"
-        self.reserved_of: dict[str, int] = {}
+        # memory: the base and the models resident from the start are held throughout
+        self.resident: dict[str, str] = {m: "loaded" for m in plan.initial}  # model -> "loading" | "loaded"
+        self.reserved_of: dict[str, int] = {m: plan.footprints.get(m, 0) for m in plan.initial}
         self.gens_of: dict[str, int] = {}
-        self.reserved = self.used = self.peak_reserved = self.peak_used = 0
-        self.timeline: list[tuple[float, int]] = [(0.0, 0)]
+        self.reserved = plan.base_bytes + sum(self.reserved_of.values())
+        self.used = plan.base_bytes + sum(cost.cost(m).weight_bytes for m in plan.initial)
+        self.peak_reserved, self.peak_used = self.reserved, self.used
+        self.timeline: list[tuple[float, int]] = [(0.0, self.reserved)]
         # results
-        self.busy: dict[int, float] = {stream: 0.0 for stream in self.queues}
+        self.busy: dict[int, float] = {s.stream: 0.0 for s in plan.steps}
         self.compute_busy = 0.0
         self.spans: list[TraceSpan] = []
 
     def go(self) -> None:
-        for stream in sorted(self.queues, key=lambda k: self.queues[k][0]):  # heads in plan order
-            self._try_start(stream)
+        self._start_ready()
         while self.timed or self.tagged:
             t_timed = self.timed[0][0] if self.timed else math.inf
             t_tagged = (self.now + max(self.tagged[0][0] - self.work, 0.0) * len(self.tagged)
@@ -245,11 +238,10 @@ class _Run:
                 _, _, i = heapq.heappop(self.timed)
                 self._advance(t_timed)
             self._complete(i)
-        if self.done < len(self.plan.steps):
-            stuck = [self.plan.steps[q[self.head[s]]].id for s, q in sorted(self.queues.items())
-                     if self.head[s] < len(q)]
-            raise PlanViolation(f"{len(self.plan.steps) - self.done} step(s) never became ready (a dependency "
-                                f"waits behind a later step of its stream); stuck stream heads: {stuck}")
+        if not self.walker.finished:
+            raise PlanViolation(f"{len(self.plan.steps) - len(self.spans)} step(s) never became ready (a dependency "
+                                f"waits behind a later step of its stream); stuck stream heads: "
+                                f"{self.walker.stuck_heads()}")
 
     def _advance(self, t: float) -> None:
         dt = t - self.now
@@ -259,22 +251,17 @@ class _Run:
             self.compute_busy += dt
         self.now = t
 
-    def _try_start(self, stream: int) -> None:
-        queue, h = self.queues[stream], self.head[stream]
-        if stream in self.running or h >= len(queue) or self.pending[queue[h]]:
-            return
-        i = queue[h]
-        self.head[stream] = h + 1
-        self.running.add(stream)
-        self.start[i] = self.now
-        s = self.plan.steps[i]
-        self._on_start(s, i)
-        seconds = self.costs.seconds[i]
-        self.seq += 1
-        if s.kind is StepKind.GENERATE and self.shared:
-            heapq.heappush(self.tagged, (self.work + seconds, self.seq, i))
-        else:
-            heapq.heappush(self.timed, (self.now + seconds, self.seq, i))
+    def _start_ready(self) -> None:
+        for s in self.walker.ready():
+            i = self.index[s.id]
+            self.start[i] = self.now
+            self._on_start(s, i)
+            seconds = self.costs.seconds[i]
+            self.seq += 1
+            if s.kind is StepKind.GENERATE and self.shared:
+                heapq.heappush(self.tagged, (self.work + seconds, self.seq, i))
+            else:
+                heapq.heappush(self.timed, (self.now + seconds, self.seq, i))
 
     def _on_start(self, s: Step, i: int) -> None:
         state = self.resident.get(s.model)
@@ -283,7 +270,8 @@ class _Run:
                 raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {s.model!r} is already resident")
             self.resident[s.model] = "loading"
             self.reserved_of[s.model] = s.bytes or self.plan.footprints.get(s.model, 0)
-            self._memory(self.reserved_of[s.model], self.cost.cost(s.model).weight_bytes)
+            extra = self.plan.load_extra.get(s.model, 0)
+            self._memory(self.reserved_of[s.model] + extra, self.cost.cost(s.model).weight_bytes + extra)
             budget = self.plan.memory_budget
             if budget is not None and self.reserved > budget:
                 raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {self.reserved:,} bytes reserved > budget "
@@ -295,7 +283,7 @@ class _Run:
             self.gens_of[s.model] = self.gens_of.get(s.model, 0) + 1
             self.gens += 1
             self._memory(0, self.costs.kv_bytes[i])
-        else:
+        elif s.kind is StepKind.EVICT:
             if state != "loaded":
                 raise PlanViolation(f"{s.id} at t={self.now:.6g}s: evicting {s.model!r}, which is "
                                     f"{'still loading' if state else 'not resident'}")
@@ -304,25 +292,22 @@ class _Run:
 
     def _complete(self, i: int) -> None:
         s = self.plan.steps[i]
-        self.done += 1
-        self.running.discard(s.stream)
+        self.walker.finish(s.id)
         start = self.start.pop(i)
         self.busy[s.stream] += self.now - start
         self.spans.append(TraceSpan(s.id, s.stream, start, self.now, s.kind.value, s.model, s.nodes))
         if s.kind is StepKind.LOAD:
             self.resident[s.model] = "loaded"
+            extra = self.plan.load_extra.get(s.model, 0)
+            self._memory(-extra, -extra)
         elif s.kind is StepKind.GENERATE:
             self.gens_of[s.model] -= 1
             self.gens -= 1
             self._memory(0, -self.costs.kv_bytes[i])
-        else:
+        elif s.kind is StepKind.EVICT:
             del self.resident[s.model]
             self._memory(-self.reserved_of.pop(s.model), -self.cost.cost(s.model).weight_bytes)
-        for j in self.dependents[i]:
-            self.pending[j] -= 1
-            if not self.pending[j]:
-                self._try_start(self.plan.steps[j].stream)
-        self._try_start(s.stream)
+        self._start_ready()
 
     def _memory(self, reserved: int, used: int) -> None:
         self.reserved += reserved
@@ -335,23 +320,17 @@ class _Run:
 
 # --- Chrome trace-event JSON -------------------------------------------------------------------------
 
-US = 1e6
-
-
 def to_chrome_trace(sim: SimResult, *, name: str = "compllm sim") -> dict[str, Any]:
     """Trace-event JSON (open in https://ui.perfetto.dev): one row per stream, one "X" event per step
     (name = step id), and a counter track of reserved GB, so load stalls and idle gaps are visible."""
     io = sim.compute_streams
-    events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": name}}]
+    events: list[dict[str, Any]] = [te.process_name(1, name)]
     for stream in sorted({sp.stream for sp in sim.spans} | set(sim.stream_busy_s)):
-        label = "load/evict" if stream == io else f"compute {stream}"
-        events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": stream, "args": {"name": label}})
+        label = "load/evict" if stream == io else "host" if stream == io + 1 else f"compute {stream}"
+        events.append(te.thread_name(1, stream, label))
     for sp in sorted(sim.spans, key=lambda sp: (sp.start, sp.stream)):
-        events.append({"name": sp.step, "cat": sp.kind, "ph": "X", "pid": 1, "tid": sp.stream,
-                       "ts": sp.start * US, "dur": max(sp.end - sp.start, 0.0) * US,
-                       "args": {"kind": sp.kind, "model": sp.model, "nodes": list(sp.nodes)}})
+        events.append(te.span(sp.step, sp.kind, 1, sp.stream, sp.start, sp.end,
+                              {"kind": sp.kind, "model": sp.model, "nodes": list(sp.nodes)}))
     for t, reserved in sim.memory_timeline:
-        events.append({"name": "reserved GB", "ph": "C", "pid": 1, "tid": io, "ts": t * US,
-                       "args": {"reserved GB": reserved / 1e9}})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {k: v for k, v in sim.summary().items() if isinstance(v, (int, float, str, type(None)))}}
+        events.append(te.counter("reserved GB", 1, t, {"reserved GB": reserved / 1e9}))
+    return te.trace(events, **{k: v for k, v in sim.summary().items() if isinstance(v, (int, float, str, type(None)))})
