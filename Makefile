@@ -62,7 +62,7 @@ test: setup-strategyqa
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not model and not sweep"
 
 clean-venv:
 	rm -rf $(VENV)

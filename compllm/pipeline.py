@@ -129,9 +129,12 @@ class Pipeline:
 
     def compile(self, graph: Graph) -> Plan:
         """Passes + lowering under the process's cost model; models already loaded start resident."""
+        return self.compile_with(self.compiler_config, graph)
+
+    def compile_with(self, config: CompilerConfig, graph: Graph) -> Plan:
         self.prepare()
         with self._stage("compile"):
-            return compile(graph, self.cost, self.compiler_config, resident=self.pool.loaded())
+            return compile(graph, self.cost, config, resident=self.pool.loaded())
 
     # --- the whole pipe -----------------------------------------------------------------------------
     def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None,

@@ -64,7 +64,7 @@ def bench(sizes: list[int], repeat: int) -> list[dict]:
                 best = (seconds, plan)
         seconds, plan = best
         r = plan.report
-        lru = compile(graph, cost, CompilerConfig(**{**vars(config), "eviction": "lru"}))  # untimed comparison
+        lru = compile(graph, cost, CompilerConfig(**{**vars(config), "residency": "lru"}))  # untimed comparison
         rows.append({
             "nodes": len(graph), "queries": len(graph.queries), "compiled_nodes": len(plan.graph),
             "steps": len(plan.steps), "loads": plan.loads, "loads_lru": lru.loads, "seconds": seconds,

@@ -33,6 +33,8 @@ RESULTS = ROOT / "experiments" / "results"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from compiler.build import node_id  # noqa: E402
+from compiler.levels import topo_order  # noqa: E402
+from compiler.plan import StepKind  # noqa: E402
 from compllm.data.mmlu import by_domain  # noqa: E402
 from compllm.frontend.decomposer import Decomposition  # noqa: E402
 from compllm.frontend.parse import SubQuery  # noqa: E402
@@ -55,7 +57,7 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, list[SubQuery]]]:
 
 def critical_path(graph, node_seconds: dict[str, float]) -> float:
     finish: dict[str, float] = {}
-    for nid in graph.topo_order():
+    for nid in topo_order(graph):
         node = graph.nodes[nid]
         finish[nid] = max((finish[p] for p in node.parents), default=0.0) + node_seconds.get(nid, 0.0)
     return max(finish.values(), default=0.0)
@@ -64,12 +66,9 @@ def critical_path(graph, node_seconds: dict[str, float]) -> float:
 def best_kernels(pipeline, plan) -> dict:
     """The fastest measured kernels of the (single) expert model: seconds per prompt token, and per row and
     decode step at the batch size where that is cheapest (from its calibration; roofline if uncalibrated)."""
-    from compllm.costing import build_cost_model
-    from compiler.ir import AGGREGATOR
-
-    cost = build_cost_model(pipeline.pool, pipeline.experts, pipeline.aggregator.model, pipeline.cache_dir,
-                            AGGREGATOR, False)
-    (model,) = {s.model for s in plan.steps if s.nodes}
+    pipeline.prepare()
+    cost = pipeline.cost
+    (model,) = {s.model for s in plan.steps if s.kind is StepKind.GENERATE}
     mc = cost.cost(model)
     table = {int(b): float(v) for b, v in (mc.decode_step_s_by_batch or {"1": mc.decode_s_per_token}).items()}
     batch = min(table, key=lambda b: table[b] / b)
@@ -107,6 +106,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
     from tqdm import tqdm
 
     from compllm.apps.build import build_pipeline
@@ -119,8 +119,12 @@ def main() -> None:
     graph = pipeline.build(decompositions, pipeline.route(decompositions))
     plan = pipeline.compile(graph)
     kernels = best_kernels(pipeline, plan)
-    policies = {name: instantiate({k: v for k, v in dict(compose([f"policy={name}"]).policy).items() if v is not None})
-                for name in args.policies}
+    policies, plans = {}, {}
+    for name in args.policies:  # each policy is a plan of its own (sequential: one node per call)
+        policy_cfg = compose([f"model={args.model}", f"policy={name}", *args.override])
+        policies[name] = instantiate(policy_cfg.policy)
+        pipeline.compiler_config = OmegaConf.to_object(policy_cfg.compiler)
+        plans[name] = pipeline.compile(graph)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +144,7 @@ def main() -> None:
             for name in names:
                 ctx = pipeline.context()
                 start = time.perf_counter()
-                results = policies[name].run(graph, ctx, plan=plan)
+                results = policies[name].run(plans[name], ctx, graph)
                 wall = time.perf_counter() - start
                 latency = {q.id: results[q.sink].end for q in graph.queries.values()}
                 record["runs"].append({

@@ -65,9 +65,8 @@ class Config:
 
 CONFIGS = [
     Config("compiled (belady)"),
-    Config("compiled (lru)", {"eviction": "lru"}),
-    Config("no batch", {"disabled": ["batch"]}),
-    Config("no level_schedule", {"disabled": ["level_schedule"]}),
+    Config("compiled (lru)", {"residency": "lru"}),
+    Config("no batch", {"max_batch_size": 1, "max_call_size": 1}),
     Config("2 streams", {"streams": 2}),
     Config("batch 32", {"max_batch_size": 32}),
     Config("no refill", {"max_call_size": None}),

@@ -32,12 +32,13 @@ from compllm.backends.base import Generation, ModelStats  # noqa: E402
 from compllm.backends.faulty import FaultSettings, FaultyModel  # noqa: E402
 from compllm.experts import Expert  # noqa: E402
 from compllm.frontend.decomposer import Decomposer  # noqa: E402
-from compiler.ir import AGGREGATOR
+from compiler.build import FinalAnswer  # noqa: E402
+from compiler.ir import AGGREGATOR  # noqa: E402
+from compllm.backends.pool import ModelPool  # noqa: E402
 from compllm.runtime.context import ExecutionContext  # noqa: E402
 from compllm.runtime.executor import PlanExecutor  # noqa: E402
 from compllm.runtime.faults import RetryPolicy  # noqa: E402
 from compllm.runtime.prompts import Aggregator, quote, subquery_request  # noqa: E402
-from compllm.runtime.sequential import SequentialExecutor  # noqa: E402
 
 OUT = ROOT / "experiments" / "results"
 HOSTILE = [
@@ -151,7 +152,7 @@ CONFIG_KEYS = ["decomposer.max_subqueries", "decomposer.max_chars", "max_answer_
                "compiler.memory_budget", "experts.law.model", "router.fallback_expert",
                "models.default.fault_injection.error_rate", "model", "experts", "policy", "cache_dir", "queries_file",
                "router.threshhold", "aggregator.max_answer_chars", "models.default.source.parts.0.module",
-               "models.default.backend", "compiler.eviction"]
+               "models.default.backend", "compiler.residency"]
 CONFIG_VALUES = ["-1", "0", "1", "null", "float8", "tpu", "nonexistent", "1e99", "[1,2]", "{a: 1}", "'${gib:0.01}'",
                  "/etc/passwd", "''", "???", "${oc.env:NOPE}", "ä", "cuda:0", "float32", "smollm2-135m", "2", "0.5",
                  "true", "lru", "no_such_pkg", "vllm"]
@@ -227,20 +228,20 @@ class EchoModel:
     def __init__(self, name: str):
         self.name, self.stats = name, ModelStats()
 
-    def generate(self, requests):
+    def generate(self, requests, max_live_rows=None, cancel=None):
         return [Generation(f"{self.name}:{sum(map(ord, r.messages[-1]['content'])) % 9973}", 10, 2, 0.0, "stop",
                            len(requests)) for r in requests]
 
 
-class Pool:
+class Pool(ModelPool):
+    """compllm's own pool (loads and evictions as planned) over the fake experts."""
+
     def __init__(self, models):
+        super().__init__({alias: {"source": {"path": alias}} for alias in models})
         self.models = models
 
-    def get(self, alias):
+    def _load(self, alias):
         return self.models[alias]
-
-    def evict(self, alias):
-        pass
 
 
 def chaos_graph(rng: random.Random, queries: int) -> Graph:
@@ -251,7 +252,7 @@ def chaos_graph(rng: random.Random, queries: int) -> Graph:
         subs = [RoutedSubQuery(i, f"q{q} part {i}" + "".join(f" uses #{d}" for d in deps) + "?", deps,
                                rng.choice(experts), max_new_tokens=8)
                 for i in range(1, n + 1) for deps in [tuple(d for d in range(1, i) if rng.random() < 0.4)]]
-        add_query(graph, f"q{q}", f"Query {q}?", subs, AGGREGATOR, 16)
+        add_query(graph, f"q{q}", f"Query {q}?", subs, AGGREGATOR, 16, final=FinalAnswer.model)
     return graph
 
 
@@ -267,16 +268,20 @@ def fault_campaign(queries: int, seed: int = 0) -> dict:
               "empty_rate_per_request": rates["empty_rate"],
               "retry": {"max_attempts": retry.max_attempts, "backoff_s": retry.backoff_s, "timeout_s": retry.timeout_s},
               "policies": {}}
-    for p, policy in enumerate([SequentialExecutor(), PlanExecutor("level", barrier=True), PlanExecutor("compiled")]):
+    sequential = CompilerConfig(passes=["batch", "schedule", "residency"], max_batch_size=1, max_call_size=1)
+    policies = [(PlanExecutor("sequential", barrier=True), sequential), (PlanExecutor("level", barrier=True),
+                CompilerConfig()), (PlanExecutor("compiled"), CompilerConfig())]
+    for p, (policy, config) in enumerate(policies):
         graph = chaos_graph(random.Random(seed), queries)
         pool = Pool({m: FaultyModel(EchoModel(m), FaultSettings(enabled=True, seed=seed + 10 * p + i, **rates))
                      for i, m in enumerate(("small", "big"))})
-        ctx = ExecutionContext(pool, experts, Aggregator("big", "Combine.", skip_single=False), retry=retry)
+        ctx = ExecutionContext(pool, experts, Aggregator("big", "Combine.", mode=FinalAnswer.model,
+                                                         skip_single=False), retry=retry)
         start = time.perf_counter()
         nodes, qs = Counter(), Counter()
         try:
-            plan = compile(graph, cost, CompilerConfig()) if policy.needs_plan else None
-            results = policy.run(graph, ctx, plan=plan)
+            plan = compile(graph, cost, config)
+            results = policy.run(plan, ctx, graph)
         except Exception as exc:  # noqa: BLE001 - a crashed batch: counted, must stay 0
             nodes[f"unhandled {type(exc).__name__}"] += 1
             report["policies"][policy.name] = {"nodes": dict(nodes)}

@@ -41,6 +41,19 @@ def test_meqa_p_rejects_impossible_settings():
         meqa_p(2000)
 
 
+def _has_strategyqa() -> bool:
+    from compllm.data.strategyqa import strategyqa_path
+    from compllm.models.errors import MissingPackageError
+
+    try:
+        strategyqa_path()
+    except MissingPackageError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_strategyqa(), reason="StrategyQA is not installed (`make setup-strategyqa`; "
+                                                   "`make test` installs it)")
 def test_meqa_all_interleaves_kinds():
     items = meqa_all(n_meqa_p=3, n_fanoutqa=3, n_strategyqa=3)
     assert [i.kind for i in items[:3]] == ["meqa", "fanoutqa", "strategyqa"]

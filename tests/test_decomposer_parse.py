@@ -183,12 +183,22 @@ def test_dangling_reference_dropped_with_warning():
     assert any("missing sub-query 9" in w for w in result.warnings)
 
 
-def test_self_reference_dropped_with_warning():
-    raw = json.dumps([{"id": 1, "question": "A?"}, {"id": 2, "question": "B of #2 and #1?", "depends_on": [2]}])
+def test_self_reference_is_read_as_the_previous_part():
+    """A planner that writes `depends_on: [2]` on sub-query 2 counts from 0: it means the part before it."""
+    raw = json.dumps([{"id": 1, "question": "Who wrote Hamlet?"},
+                      {"id": 2, "question": "Where was #2 born?", "depends_on": [2]}])
     result = parse_decomposition(raw)
     assert deps(result) == [(), (1,)]
-    assert texts(result)[1] == "B of 2 and #1?"
-    assert any("itself" in w for w in result.warnings)
+    assert texts(result)[1] == "Where was #1 born?"
+    assert any("reference to itself as the previous part, 1" in w for w in result.warnings)
+
+
+def test_self_reference_on_the_first_part_is_dropped_with_warning():
+    raw = json.dumps([{"id": 1, "question": "A of #1?", "depends_on": [1]}, {"id": 2, "question": "B?"}])
+    result = parse_decomposition(raw)
+    assert deps(result) == [(), ()]
+    assert texts(result)[0] == "A of 1?"
+    assert any("dropped reference to itself" in w for w in result.warnings)
 
 
 def test_cycle_error_names_the_ids_in_the_cycle():

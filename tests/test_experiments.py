@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.sweep
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 COMPLLM = str(Path(sys.executable).with_name("compllm"))
 SHORT = ("decomposer.max_new_tokens=96", "aggregator.max_new_tokens=32")  # configs are under test, not answers

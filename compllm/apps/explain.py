@@ -17,7 +17,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     queries = read_queries(cfg)
     pipeline = build_pipeline(cfg)
     pipeline.prepare()
-    decompositions = pipeline.decompose(queries)
+    decompositions = pipeline.decompose(pipeline.context(), queries, [])
     graph = pipeline.build(decompositions, pipeline.route(decompositions))
     pipeline.compiler_config = replace(pipeline.compiler_config, dump=True)
     plan = pipeline.compile(graph)

@@ -351,11 +351,18 @@ def _build(items: list[_Item], warnings: list[str], max_subqueries: int, max_cha
     by_key = {item.key: item for item in kept}
 
     deps: dict[str, list[str]] = {}
+    previous = {item.key: before.key for before, item in zip(kept, kept[1:])}
     for item in kept:
         wanted = list(dict.fromkeys(item.deps + [_norm_digits(m.group(1)) for m in _REF.finditer(item.text)]))
         valid = []
         for dep in wanted:
-            if dep == item.key:
+            if dep == item.key and item.key in previous:
+                # small planners count from 0 ("depends on 2" written on step 2 means the step before it)
+                warnings.append(f"sub-query {item.key}: read its reference to itself as the previous part, "
+                                f"{previous[item.key]}")
+                valid.append(previous[item.key])
+                item.text = re.sub(rf"#+{re.escape(item.key)}\b", f"#{previous[item.key]}", item.text)
+            elif dep == item.key:
                 warnings.append(f"sub-query {item.key}: dropped reference to itself")
             elif dep not in by_key:
                 warnings.append(f"sub-query {item.key}: dropped reference to missing sub-query {dep}")
