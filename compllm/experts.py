@@ -1,41 +1,37 @@
-"""An expert is a role, not a model: a description to route by, a system prompt, and the model alias it runs on."""
+"""An expert is a role, not a model: a description to route by, a system prompt, and the model alias it runs on.
+
+`Expert` is also the structured-config schema of `experts.<name>` (one dataclass per concept): a misspelt key
+or a missing description fails at compose time, and `experts_from_config` builds the objects with OmegaConf.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, List, Mapping, Optional
+
+from omegaconf import MISSING, OmegaConf
 
 from compllm.runtime.faults import RetryPolicy
 
 
-@dataclass(frozen=True)
+@dataclass
 class Expert:
-    name: str
-    description: str
-    model: str  # alias into the `models` config; experts naming one alias share its weights
-    system_prompt: str
-    exemplars: tuple[str, ...] = ()
+    name: str = ""  # its key in `experts` (filled in when built from config)
+    description: str = MISSING
+    model: str = "default"  # alias into the `models` config; experts naming one alias share its weights
+    system_prompt: str = MISSING
+    exemplars: List[str] = field(default_factory=list)
     max_new_tokens: int = 96
-    stop: tuple[str, ...] = ()
+    stop: List[str] = field(default_factory=list)
     retry: Optional[RetryPolicy] = None  # None: the run's `retry` policy
 
     def routing_texts(self) -> list[str]:
         return [self.description, *self.exemplars]
 
 
-def experts_from_config(cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, Expert]:
-    """Build Expert objects from the `experts` config group (a mapping name -> fields)."""
+def experts_from_config(cfg: Mapping[str, Any]) -> dict[str, Expert]:
+    """`experts` config (name -> fields, validated against `Expert`) -> Expert objects named by their keys."""
     out = {}
-    for name, fields in cfg.items():
-        fields = dict(fields)
-        fields.pop("name", None)
-        out[name] = Expert(
-            name=name,
-            description=fields["description"],
-            model=fields["model"],
-            system_prompt=fields["system_prompt"],
-            exemplars=tuple(fields.get("exemplars") or ()),
-            max_new_tokens=int(fields.get("max_new_tokens", 96)),
-            stop=tuple(fields.get("stop") or ()),
-            retry=RetryPolicy(**fields["retry"]) if fields.get("retry") else None,
-        )
+    for name, node in cfg.items():
+        expert = OmegaConf.to_object(node) if OmegaConf.is_config(node) else Expert(**dict(node))
+        out[name] = replace(expert, name=name)
     return out

@@ -25,11 +25,29 @@ def test_expert_on_unknown_model_is_named(compose):
         check_config(cfg)
 
 
-def test_bad_dtype_and_device_are_named(compose):
-    cfg = compose("models.default.dtype=float8", "models.default.device=tpu")
-    with pytest.raises(ConfigError) as err:
-        check_config(cfg)
-    assert "dtype='float8'" in str(err.value) and "device='tpu'" in str(err.value)
+@pytest.mark.parametrize("override, valid", [
+    ("models.default.dtype=float8", "auto, bfloat16, float16, float32"),
+    ("models.default.backend=vllm", "hf"),
+    ("compiler.residency=fifo", "belady, lru"),
+    ("aggregator.mode=vote", "join, model"),
+    ("retry.retry_on=[error,meltdown]", "error, timeout, oom, empty"),
+])
+def test_enum_typos_fail_at_compose_time_listing_the_valid_values(compose, override, valid):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(override)
+    assert f"expected one of [{valid}]" in str(err.value.__cause__)
+
+
+def test_bad_device_is_named(compose):
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        check_config(compose("models.default.device=tpu"))
+
+
+def test_sequential_policy_compiles_every_node_alone(compose):
+    from fakes import SEQUENTIAL
+
+    cfg = compose("policy=sequential")
+    assert cfg.policy.barrier and {k: cfg.compiler[k] for k in SEQUENTIAL} == SEQUENTIAL
 
 
 def test_unknown_fallback_expert_is_named(compose):

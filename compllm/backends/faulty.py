@@ -27,9 +27,10 @@ class InjectedOutOfMemory(MemoryError):
     """Looks like a device running out of memory (torch.cuda.OutOfMemoryError's message), raised on purpose."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class FaultSettings:
-    """Rates are probabilities in [0, 1]; error + oom + hang are per call and must sum to at most 1."""
+    """Rates are probabilities in [0, 1]; error + oom + hang are per call and must sum to at most 1.
+    Also the structured-config schema of `models.<alias>.fault_injection` (chaos testing, off by default)."""
 
     enabled: bool = False
     seed: int = 0

@@ -1,52 +1,53 @@
 """Structured-config schemas: Hydra validates every group against these at compose time.
 
-A misspelt key or a wrong type fails before any model loads, with Hydra naming the key.
+A misspelt key, a wrong type or a value outside an Enum fails before any model loads, with Hydra naming the key
+and listing the valid values. One dataclass per concept: where compllm has a runtime dataclass for a concept
+(`CompilerConfig`, `Expert`, `Aggregator`, `RetryPolicy`, `FaultSettings`) it *is* the schema, and the app
+builds the object from the config with `OmegaConf.to_object`; groups that name a class to build (`_target_`:
+decomposer, router, policy, model sources, benchmark loaders, systems) get a schema of their own here.
 Registered in Hydra's ConfigStore as `compllm_schema`, the base of `conf/config.yaml`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from compiler.build import FinalAnswer
 from compiler.config import CompilerConfig
+from compllm.backends.faulty import FaultSettings
+from compllm.experts import Expert
+from compllm.runtime.faults import RetryPolicy
+from compllm.runtime.prompts import Aggregator
 
 
-@dataclass
-class FaultInjectionConfig:
-    """Chaos testing (compllm/backends/faulty.py): off by default; rates in [0, 1], per call / per request."""
+class Backend(str, Enum):
+    hf = "hf"  # transformers, in process
 
-    enabled: bool = False
-    seed: int = 0
-    error_rate: float = 0.0  # per call: raise a BackendError
-    oom_rate: float = 0.0  # per call: raise a MemoryError like a device out of memory
-    hang_rate: float = 0.0  # per call: stall hang_s seconds (past retry.timeout_s) before answering
-    empty_rate: float = 0.0  # per request: return empty text (a failed attempt; retried)
-    hang_s: float = 30.0
+
+class Dtype(str, Enum):
+    auto = "auto"  # bf16 on GPUs and bf16-capable CPUs, else fp32
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class DecodeMatmul(str, Enum):
+    auto = "auto"  # weight-major matmul for decode-sized inputs on CPU
+    torch = "torch"  # nn.Linear as is
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # display name, e.g. the HF model name
     source: Any = MISSING  # a `_target_` source: compllm.models.HFSource / GGUFSource / EmbeddedSource
-    backend: str = "hf"
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 where the hardware has it)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    decode_matmul: str = "auto"  # auto: weight-major matmul for decode-sized inputs on CPU | torch: nn.Linear as is
-    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
-
-
-@dataclass
-class ExpertConfig:
-    description: str = MISSING
-    system_prompt: str = MISSING
-    model: str = "default"  # alias into `models`
-    exemplars: List[str] = field(default_factory=list)
-    max_new_tokens: int = 96
-    stop: List[str] = field(default_factory=list)
+    backend: Backend = Backend.hf
+    dtype: Dtype = Dtype.auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked with the rest of the config: N is free)
+    decode_matmul: DecodeMatmul = DecodeMatmul.auto
+    fault_injection: FaultSettings = field(default_factory=FaultSettings)
 
 
 @dataclass
@@ -80,31 +81,10 @@ class RouterConfig:
 
 
 @dataclass
-class AggregatorConfig:
-    _target_: str = "compllm.runtime.prompts.Aggregator"
-    model: str = "default"
-    system_prompt: str = MISSING
-    mode: FinalAnswer = FinalAnswer.join
-    max_new_tokens: int = 160
-    max_answer_chars: int = 600
-    skip_single: bool = True
-    stop: List[str] = field(default_factory=list)
-
-
-@dataclass
 class PolicyConfig:
     _target_: str = "compllm.runtime.executor.PlanExecutor"
     name: str = MISSING
     barrier: bool = False  # run plan steps one at a time in plan order (the `level` and `sequential` policies)
-
-
-@dataclass
-class RetryConfig:
-    """Per model call: attempts (1 = no retry), exponential backoff, and a wall-clock limit per attempt."""
-
-    max_attempts: int = 2
-    backoff_s: float = 0.5
-    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -120,13 +100,13 @@ class TaskConfig:
 @dataclass
 class CompllmConfig:
     models: Dict[str, ModelConfig] = field(default_factory=dict)
-    experts: Dict[str, ExpertConfig] = field(default_factory=dict)
+    experts: Dict[str, Expert] = field(default_factory=dict)
     decomposer: DecomposerConfig = field(default_factory=DecomposerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    aggregator: Aggregator = field(default_factory=Aggregator)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     task: TaskConfig = field(default_factory=TaskConfig)
     benchmark: Optional[Dict[str, Any]] = None  # task=bench: {name, loader: a `_target_` returning BenchItems}
     system: Optional[Dict[str, Any]] = None  # task=bench: a `_target_` system (compllm/bench/systems.py)

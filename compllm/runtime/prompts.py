@@ -8,8 +8,10 @@ of the prompt's own headers ("Question:", "Facts from ...").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import List, Mapping, Sequence
+
+from omegaconf import MISSING
 
 from compiler.build import FinalAnswer
 from compiler.choices import option_letters
@@ -51,12 +53,12 @@ def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max
     return GenerationRequest(
         ({"role": "system", "content": expert.system_prompt}, {"role": "user", "content": user}),
         1 if choices else expert.max_new_tokens,
-        expert.stop,
+        tuple(expert.stop),
         choices,
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Aggregator:
     """How a query's final answer is made from the experts' answers.
 
@@ -64,18 +66,19 @@ class Aggregator:
     so nothing is invented or dropped. `mode=model`: the aggregator model writes it from every part's answer
     (the paper's aggregator); a query of one part (`skip_single`) or of numbered questions is still joined.
     Which applies is decided when the graph is built (`compiler.build.FinalAnswer`), so the plan knows it.
+    Also the structured-config schema of `aggregator` (one dataclass per concept).
     """
 
-    model: str
-    system_prompt: str
+    model: str = "default"
+    system_prompt: str = MISSING
     mode: FinalAnswer = FinalAnswer.join
     max_new_tokens: int = 160
     max_answer_chars: int = 600
     skip_single: bool = True  # mode=model: one sub-query's answer *is* the final answer, no extra model call
-    stop: Sequence[str] = ()
+    stop: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", FinalAnswer(self.mode))
+        self.mode = FinalAnswer(self.mode)
 
     def request(self, query: str, parts: Sequence[tuple[str, str, str]], chained: bool = False) -> GenerationRequest:
         """`parts` = (label, sub-question, answer or a note that it is missing). `chained`: some part used an
