@@ -8,9 +8,9 @@ import weakref
 from typing import Any, Mapping
 
 from compllm.backends.base import Backend, BackendError
+from compllm.models.cache import CACHE_DTYPE
 
 log = logging.getLogger(__name__)
-CACHE_DTYPE = "bfloat16"
 
 
 class NotResidentError(RuntimeError):
@@ -107,8 +107,6 @@ class ModelPool:
         if backend != "hf":
             raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf)")
         source = instantiate(spec["source"])
-        # The cache stores bf16 (half the bytes of fp32, lossless for dequantized 4-bit weights);
-        # the compute dtype is chosen at load time.
         resolved = source.materialize(cache_dir=self.cache_dir, dtype=CACHE_DTYPE)
         return HFModel(
             name=spec.get("name", alias),

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from compllm.models.cache import cache_root, is_complete
+from compllm.models.cache import CACHE_DTYPE, cache_root, is_complete
 from compllm.models.sources import converted_dir, package_dir
 
-CACHE_DTYPE = "bfloat16"  # what the model cache stores (compllm.backends.pool.CACHE_DTYPE), 2 bytes per weight
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
 GGUF_MAX_BYTES_PER_WEIGHT = 4  # F32; quantized GGUFs store far less
 GGUF_METADATA_BYTES = 64 << 20  # tokenizer and other metadata a GGUF may hold besides the weights

@@ -18,12 +18,14 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from compiler.ir import AnswerType
+
 SCAN_LIMIT = 50_000  # only this much raw output is looked at, so huge outputs cost bounded time/memory
 _MAX_JSON_STARTS = 64  # '[' / '{' positions tried as the start of the JSON payload
 _EXCERPT_CHARS = 80
 
 FORMATS = ("json", "json-partial", "numbered", "lines")
-ANSWER_TYPES = ("text", "number", "choice", "yesno", "entity", "list")
+ANSWER_TYPES = tuple(t.value for t in AnswerType)  # the IR's answer types, the one home of the names
 _ANSWER_ALIASES = {
     "string": "text", "str": "text", "free_text": "text", "freetext": "text",
     "numeric": "number", "int": "number", "integer": "number", "float": "number", "quantity": "number",

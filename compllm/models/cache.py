@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterator, Mapping
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "COMPLLM_CACHE"
+#: The dtype converted weights are stored in: half the bytes of fp32 and lossless for dequantized 4-bit weights;
+#: the compute dtype is chosen when a model loads.
+CACHE_DTYPE = "bfloat16"
 MARKER = ".complete"
 VERIFIED = ".verified.json"  # inside a converted entry: file -> stat key at which it last matched the manifest
 CHUNK = 8 << 20  # 8 MiB: hashing speed plateaus here, memory stays small
