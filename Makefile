@@ -48,9 +48,10 @@ setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
 setup-strategyqa: setup $(VENV)/.stamp-strategyqa
 setup-large: setup $(VENV)/.stamp-large
 
-# Reproduce a result: `make experiment EXP=paper_accuracy` (rerun to resume); tables and plots: `make report`.
+# Reproduce a result into the committed experiments/results/runs/: `make experiment EXP=paper_accuracy` (rerun to
+# resume); tables and plots: `make report`. A plain `compllm -m experiment=...` writes to multirun/experiments/.
 experiment: setup-strategyqa setup-large
-	$(VENV)/bin/compllm -m experiment=$(EXP)
+	COMPLLM_EXPERIMENTS_DIR=experiments/results/runs $(VENV)/bin/compllm -m experiment=$(EXP)
 
 report: setup
 	$(PY) experiments/report.py

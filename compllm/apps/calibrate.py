@@ -11,12 +11,13 @@ from compllm.apps.build import build_pipeline
 from compllm.costing import calibrate, calibration_key, save_calibration
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def run(cfg: DictConfig, out_dir: Path, *, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """The options come from conf/task/calibrate.yaml (task.prompt_tokens=... on the command line)."""
     pipeline = build_pipeline(cfg)
     measured = {}
     for alias in pipeline.model_aliases():
         model = pipeline.pool.get(alias)
-        cost = calibrate(model, cfg.task.prompt_tokens, cfg.task.new_tokens, cfg.task.repeats)
+        cost = calibrate(model, prompt_tokens, new_tokens, repeats)
         measured[calibration_key(model)] = cost
         print(f"{alias} ({calibration_key(model)}): weights {cost.weight_bytes / 2**20:.0f} MiB, "
               f"KV {cost.kv_bytes_per_token / 1024:.1f} KiB/token, prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, "

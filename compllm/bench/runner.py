@@ -28,18 +28,19 @@ def fingerprint(cfg: DictConfig, system: Any = None) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in NOT_RESULT_SHAPING and (keys is None or k in keys)}
 
 
-def load_items(cfg: DictConfig) -> list[BenchItem]:
+def load_items(cfg: DictConfig, limit: int | None = None) -> list[BenchItem]:
     items = list(instantiate(cfg.benchmark.loader))
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"benchmark {cfg.benchmark.name!r} has duplicate item ids")
-    return items[: cfg.task.limit] if cfg.task.limit is not None else items
+    return items[:limit] if limit is not None else items
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: Path, *, limit: int | None, chunk_size: int) -> dict[str, Any]:
+    """The options come from conf/task/bench.yaml (task.limit=..., task.chunk_size=... on the command line)."""
     from tqdm import tqdm
 
-    items = load_items(cfg)
+    items = load_items(cfg, limit)
     system = instantiate(cfg.system)
     store = ResultsStore(out_dir / "results.jsonl", fingerprint(cfg, system))
     todo = [it for it in items if it.id not in store]
@@ -47,7 +48,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
              len(items) - len(todo), store.path)
     if todo:
         pipeline = build_pipeline(cfg)
-        chunk = max(1, int(cfg.task.chunk_size))
+        chunk = max(1, int(chunk_size))
         with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{cfg.benchmark.name}/{system.name}",
                   unit="item", file=sys.stderr, disable=not cfg.show_progress) as bar:
             for start in range(0, len(todo), chunk):

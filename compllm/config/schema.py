@@ -9,6 +9,7 @@ Registered in Hydra's ConfigStore as `compllm_schema`, the base of `conf/config.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -89,12 +90,40 @@ class PolicyConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING
-    prompt_tokens: int = 256  # calibrate only
-    new_tokens: int = 32  # calibrate only
-    repeats: int = 3  # calibrate only
-    limit: Optional[int] = None  # bench only: the first N items
-    chunk_size: int = 8  # bench only: items compiled and run together
+    """What the app does (conf/task/*.yaml): a `_target_` function that main instantiates as a partial and calls as
+    `run(cfg, out_dir)`; every other key of the option is one of that function's keyword arguments."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class QueryTaskConfig(TaskConfig):
+    """task=query: no options of its own (the query comes from `query` / `queries_file`)."""
+
+
+@dataclass
+class ExplainTaskConfig(TaskConfig):
+    """task=explain: no options of its own."""
+
+
+@dataclass
+class CalibrateTaskConfig(TaskConfig):
+    prompt_tokens: int = 256  # prompt length the prefill is timed on
+    new_tokens: int = 32  # tokens decoded per timed round
+    repeats: int = 3  # timed rounds after a warm-up; each number is the minimum over them
+
+
+@dataclass
+class BenchTaskConfig(TaskConfig):
+    limit: Optional[int] = None  # the first N items
+    chunk_size: int = 8  # items compiled and run together
+
+
+# One schema per task option, stored as `task/<name>_schema`: each conf/task/<name>.yaml lists it in its defaults,
+# so a key another task owns (task.limit under task=query) fails at compose time, naming the schema.
+TASK_SCHEMAS: Dict[str, type] = {"query": QueryTaskConfig, "explain": ExplainTaskConfig,
+                                 "calibrate": CalibrateTaskConfig, "bench": BenchTaskConfig}
 
 
 @dataclass
@@ -120,6 +149,12 @@ class CompllmConfig:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="compllm_schema", node=CompllmConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="compllm_schema", node=CompllmConfig)
+    for name, schema in TASK_SCHEMAS.items():
+        cs.store(group="task", name=f"{name}_schema", node=schema)
     # `compiler.memory_budget=${gib:4}`: budgets in GiB on the command line, bytes in the config.
     OmegaConf.register_new_resolver("gib", lambda n: int(float(n) * 2**30), replace=True)
+    # Run and sweep dirs (conf/config.yaml): the process id next to the second makes two runs started in the same
+    # second on one machine write into different dirs. Cached: every use in this process gets the same value.
+    OmegaConf.register_new_resolver("compllm.pid", lambda: str(os.getpid()), use_cache=True, replace=True)
