@@ -264,7 +264,6 @@ def test_an_unloadable_task_target_is_a_usage_error(compose):
 # --------------------------------------------------------------------------- real model
 
 
-@pytest.mark.slow
 @pytest.mark.model
 def test_a_plain_question_with_commas_is_answered(tmp_path, model_cache):
     question = "Which vitamin prevents scurvy, and what is 15% of 240?"
@@ -276,7 +275,6 @@ def test_a_plain_question_with_commas_is_answered(tmp_path, model_cache):
     assert payload["config"]["query"] == question and payload["queries"][0]["query"] == question
 
 
-@pytest.mark.slow
 @pytest.mark.model
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, model_cache):
     proc = compllm("-m", "queries_file=/nonexistent/q.txt,null", "query=What is 2+2?", "model=smollm2-135m",

@@ -99,7 +99,7 @@ def test_every_sweep_point_composes_and_passes_the_checks(experiment, monkeypatc
 def test_the_committed_results_are_only_written_by_make_experiment(monkeypatch):
     """`make experiment` names the committed dir; each experiment's job dirs there are the ones committed."""
     monkeypatch.setenv("COMPLLM_EXPERIMENTS_DIR", COMMITTED)
-    for experiment in ("paper_accuracy", "paper_size", "ablation_passes"):
+    for experiment in ("paper_accuracy", "paper_size", "paper_latency"):
         dirs = {job_dir(cfg) for _, cfg in experiment_jobs(experiment)}
         committed = {str(p.parent.relative_to(ROOT)) for p in (ROOT / COMMITTED).glob("*/*/results.jsonl")}
         shared = "paper_accuracy" if experiment == "paper_size" else experiment
@@ -109,7 +109,6 @@ def test_the_committed_results_are_only_written_by_make_experiment(monkeypatch):
     assert re.search(rf"^experiment:.*\n\tCOMPLLM_EXPERIMENTS_DIR={COMMITTED} ", makefile, re.M)
 
 
-@pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.sweep
 def test_one_experiment_job_runs_and_a_rerun_resumes(tmp_path, model_cache):
@@ -134,7 +133,6 @@ def test_one_experiment_job_runs_and_a_rerun_resumes(tmp_path, model_cache):
     assert not (tmp_path / "experiments").exists()  # nothing written outside the user's experiments dir
 
 
-@pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.sweep
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, model_cache):
