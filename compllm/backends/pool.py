@@ -34,7 +34,11 @@ class ModelPool:
             raise BackendError(f"unknown model {alias!r}; configured models: {', '.join(self.specs) or '(none)'}") from None
 
     def _key(self, alias: str) -> tuple:
+        """What makes two aliases one loaded model: the same weights, dtype and device (or the same server)."""
         spec = self.spec(alias)
+        if spec.get("backend") == "openai":
+            server = dict(spec.get("server") or {})
+            return ("openai", server.get("base_url"), server.get("model"))
         return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "auto"), spec.get("device", "auto"))
 
     def get(self, alias: str) -> Backend:
@@ -98,14 +102,18 @@ class ModelPool:
         return {a: self._loaded[self._key(a)] for a in self.specs if self._key(a) in self._loaded}
 
     def _load(self, alias: str) -> Backend:
+        spec = self.spec(alias)
+        backend = spec.get("backend", "hf")
+        if backend == "openai":
+            from compllm.backends.openai_server import OpenAIServerModel, ServerConfig
+
+            return OpenAIServerModel(spec.get("name", alias), ServerConfig(**spec["server"]), alias)
+        if backend != "hf":
+            raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf, openai)")
         from hydra.utils import instantiate
 
         from compllm.backends.hf import HFModel
 
-        spec = self.spec(alias)
-        backend = spec.get("backend", "hf")
-        if backend != "hf":
-            raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf)")
         source = instantiate(spec["source"])
         resolved = source.materialize(cache_dir=self.cache_dir, dtype=CACHE_DTYPE)
         return HFModel(

@@ -132,9 +132,19 @@ def _weights_problems(cfg: Any) -> list[str]:
             spec = OmegaConf.to_container(cfg.models[alias], resolve=True, throw_on_missing=True, enum_to_str=True)
         except OmegaConfBaseException as exc:
             node = cfg.models[alias]
-            missing = [f"source.{k}" for k in node.source if OmegaConf.is_missing(node.source, k)]
+            part = "server" if node.get("backend") == "openai" else "source"
+            group = node.get(part) or {}
+            missing = [f"{part}.{k}" for k in group if OmegaConf.is_missing(group, k)]
             what = f"models.{alias}.{missing[0]} is not set" if missing else f"models.{alias}: {exc}"
-            problems.append(f"{what}; set it on the command line, e.g. models.{alias}.source.path=/path/to/model")
+            problems.append(f"{what}; set it on the command line, e.g. models.{alias}.{missing[0] if missing else part}=...")
+            continue
+        if spec.get("backend") == "openai":  # served elsewhere: no weights here, no local memory
+            if not spec.get("server"):
+                problems.append(f"models.{alias}.backend=openai needs models.{alias}.server "
+                                "(base_url and model; see conf/model/vllm.yaml)")
+            continue
+        if not spec.get("source"):
+            problems.append(f"models.{alias}.source is not set: name the weights (see conf/model/*.yaml)")
             continue
         problems += source_problems(alias, spec, cfg.get("cache_dir"))
         if budget is not None:  # weights take their compute dtype's bytes: resolve `auto` as the loader will

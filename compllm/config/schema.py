@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from compiler.config import CompilerConfig
 from compllm.backends.faulty import FaultSettings
+from compllm.backends.openai_server import ServerConfig
 from compllm.experts import Expert
 from compllm.runtime.faults import RetryPolicy
 from compllm.runtime.prompts import Aggregator
@@ -26,6 +27,7 @@ from compllm.runtime.prompts import Aggregator
 
 class Backend(str, Enum):
     hf = "hf"  # transformers, in process
+    openai = "openai"  # any OpenAI-compatible server (vLLM, SGLang, llama.cpp's llama-server, Ollama)
 
 
 class Dtype(str, Enum):
@@ -43,8 +45,11 @@ class DecodeMatmul(str, Enum):
 @dataclass
 class ModelConfig:
     name: str = MISSING  # display name, e.g. the HF model name
-    source: Any = MISSING  # a `_target_` source: compllm.models.HFSource / GGUFSource / EmbeddedSource
     backend: Backend = Backend.hf
+    # backend=hf: a `_target_` source of weights (compllm.models.HFSource / GGUFSource / EmbeddedSource)
+    source: Any = None
+    # backend=openai: where the model is served and what the server supports
+    server: Optional[ServerConfig] = None
     dtype: Dtype = Dtype.auto
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked with the rest of the config: N is free)
     decode_matmul: DecodeMatmul = DecodeMatmul.auto
