@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import FrozenSet, List, Optional
+from typing import FrozenSet, List, Mapping, Optional
 
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
@@ -70,15 +70,18 @@ class CompilerConfig:
 
 @dataclass
 class PassContext:
-    """What every pass may read: the cost model, the config, the experts the verifier accepts, and the models
-    already resident when the plan starts (loaded earlier in the process, e.g. by the decomposer)."""
+    """What every pass may read: the cost model, the config, the experts the verifier accepts, the models
+    resident when the plan starts (model -> bytes already reserved for it; 0 = only its weights are held, e.g.
+    loaded by the planner), and the nodes earlier plan increments already answer (online compilation: passes
+    leave them alone, new work may read their answers)."""
 
     cost: CostModel
     config: CompilerConfig = field(default_factory=CompilerConfig)
     known_experts: Optional[FrozenSet[str]] = None
-    resident: tuple[str, ...] = ()
+    resident: Mapping[str, int] = field(default_factory=dict)
+    done: FrozenSet[str] = frozenset()
 
     @classmethod
-    def for_cost(cls, cost: CostModel, config: Optional[CompilerConfig] = None,
-                 resident: tuple[str, ...] = ()) -> "PassContext":
-        return cls(cost, config or CompilerConfig(), frozenset(cost.expert_model), resident)
+    def for_cost(cls, cost: CostModel, config: Optional[CompilerConfig] = None, resident: Mapping[str, int] = {},
+                 done: FrozenSet[str] = frozenset()) -> "PassContext":
+        return cls(cost, config or CompilerConfig(), frozenset(cost.expert_model), dict(resident), done)

@@ -57,9 +57,13 @@ def topo_order(graph: Graph, depth: dict[str, int] | None = None) -> list[str]:
     return [nid for bucket in buckets for nid in bucket]
 
 
-def topo_levels(graph: Graph) -> dict[str, int]:
+def topo_levels(graph: Graph, done: frozenset[str] = frozenset()) -> dict[str, int]:
     """Scheduling level per node id (keyed in topological order): depth, except that part nodes share
-    their fused node's level, and so do consumers that are only held back by them."""
+    their fused node's level, and so do consumers that are only held back by them. Nodes in `done` (answered by
+    an earlier plan increment) get no level: for the others they are answers already there."""
+    if done:
+        graph = Graph({nid: node.with_(inputs={k: p for k, p in node.inputs.items() if p not in done})
+                       for nid, node in graph.nodes.items() if nid not in done})
     depth = waves(graph)
     order = topo_order(graph, depth)
     nodes = graph.nodes

@@ -1,11 +1,15 @@
 """Lowering: the batched, scheduled, residency-planned graph -> a `Plan` of steps with explicit dependencies.
 
 Lowering only lowers: it requires the `batches`, `schedule` and `residency` annotations (the pass manager
-refuses a pipeline that does not provide them) and decides nothing those passes did not.
+refuses a pipeline that does not provide them) and decides nothing those passes did not. Online, each plan
+increment is lowered by the same `Lowering`, which remembers what earlier increments issued (step ids, who
+answers which node, each resident model's load and generates, the last eviction), so an increment's steps
+depend on earlier steps exactly as if they had been lowered together; issued steps never change.
 
 Dependencies (each a one-line reason):
 - generate -> the load of its model's current residency (weights must be there; none for a model resident
-  from the start), and the steps answering its nodes' parents (data);
+  from the start), and the steps answering its nodes' parents (data); online, a call of a model whose
+  reservation grew in this increment also waits for the last eviction issued before it;
 - host -> the steps answering its nodes' parents (data); it is emitted right after the last of them;
 - evict -> that residency's load and every generate run during it (never pull weights from under a
   batch), and the previous evict (evictions happen in planned order);
@@ -21,6 +25,8 @@ model's generates share a stream, so running calls fit as well.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from compiler.config import PassContext
 from compiler.ir import Graph
 from compiler.passes.batch import check_batches
@@ -28,80 +34,104 @@ from compiler.passes.residency import Op
 from compiler.plan import Plan, Step, StepKind
 
 
-def lower(graph: Graph, ctx: PassContext) -> Plan:
-    batches = graph.annotations["batches"]
-    residency = graph.annotations["residency"]
-    check_batches(graph, batches, ctx.cost)
-    streams = ctx.config.streams
-    io_stream, host_stream = streams, streams + 1
+@dataclass
+class Lowering:
+    """Lowering's memory of the steps issued so far (one instance per plan, fed increment by increment)."""
 
-    steps: list[Step] = []
-    counters: dict[tuple[str, str], int] = {}
-    step_of_node: dict[str, str] = {}
-    load_of: dict[str, str | None] = {m: None for m in residency.initial}  # model -> its residency's load step
-    runs_of: dict[str, list[str]] = {m: [] for m in residency.initial}  # model -> generates in that residency
-    stream_of: dict[str, int] = {}  # model -> compute stream (first use order, round robin)
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    step_of_node: dict[str, str] = field(default_factory=dict)  # node id -> the step that answers it
+    load_of: dict[str, str | None] = field(default_factory=dict)  # resident model -> its load (None: from start)
+    runs_of: dict[str, list[str]] = field(default_factory=dict)  # resident model -> generates since its load
+    stream_of: dict[str, int] = field(default_factory=dict)  # model -> compute stream (first use, round robin)
+    reserved: dict[str, int] = field(default_factory=dict)  # resident model -> bytes reserved for it
     last_evict: str | None = None
-    # host nodes are emitted as soon as every parent is answered: count what each still waits for
-    missing: dict[str, int] = {}
-    waiting_on: dict[str, list[str]] = {}
-    for node in graph.nodes.values():
-        if node.host is not None:
-            missing[node.id] = len(node.parents)
-            for parent in node.parents:
-                waiting_on.setdefault(parent, []).append(node.id)
 
-    def new_id(prefix: str, model: str) -> str:
-        k = counters.get((prefix, model), 0)
-        counters[(prefix, model)] = k + 1
+    def lower(self, graph: Graph, ctx: PassContext) -> Plan:
+        """The steps for every node of `graph` not answered yet, as a plan (all of it, or the next increment)."""
+        batches = graph.annotations["batches"]
+        residency = graph.annotations["residency"]
+        check_batches(graph, batches, ctx.cost, ctx.done)
+        streams = ctx.config.streams
+        io_stream, host_stream = streams, streams + 1
+        steps: list[Step] = []
+        evicted_before = self.last_evict  # a grown reservation is only there once earlier evictions ran
+        for model in residency.initial:
+            self.load_of.setdefault(model, None)
+            self.runs_of.setdefault(model, [])
+            self.reserved[model] = residency.footprints[model]
+
+        # host nodes are emitted as soon as every parent is answered: count what each still waits for
+        missing: dict[str, int] = {}
+        waiting_on: dict[str, list[str]] = {}
+        ready: list[str] = []
+        for node in graph.nodes.values():
+            if node.host is not None and node.id not in self.step_of_node:
+                open_parents = [p for p in node.parents if p not in self.step_of_node]
+                missing[node.id] = len(open_parents)
+                for parent in open_parents:
+                    waiting_on.setdefault(parent, []).append(node.id)
+                if not open_parents:
+                    ready.append(node.id)
+
+        def answered(nids: list[str], sid: str) -> None:
+            """Record who answers `nids`; a host node whose last parent this was follows right behind."""
+            now_ready = []
+            for nid in nids:
+                self.step_of_node[nid] = sid
+                for host in waiting_on.get(nid, ()):
+                    missing[host] -= 1
+                    if not missing[host]:
+                        now_ready.append(host)
+            emit_hosts(now_ready)
+
+        def emit_hosts(hosts: list[str]) -> None:
+            for host in hosts:
+                deps = tuple(dict.fromkeys(self.step_of_node[p] for p in graph.nodes[host].parents))
+                steps.append(Step(f"host:{host}", StepKind.HOST, "", (host,), deps, host_stream))
+                answered([host], f"host:{host}")
+
+        emit_hosts(ready)  # nothing (more) to wait for
+        for event in residency.events:
+            model = event.model
+            if event.op is Op.LOAD:
+                sid = self._new_id("load", model)
+                deps = (self.last_evict,) if self.last_evict else ()
+                steps.append(Step(sid, StepKind.LOAD, model, (), deps, io_stream, ctx.cost.load_seconds(model),
+                                  residency.footprints[model]))
+                self.load_of[model], self.runs_of[model] = sid, []
+                self.reserved[model] = residency.footprints[model]
+            elif event.op is Op.EVICT:
+                sid = self._new_id("evict", model)
+                load = self.load_of.pop(model)
+                deps = ([load] if load else []) + self.runs_of.pop(model) + ([self.last_evict] if self.last_evict else [])
+                steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0, self.reserved.pop(model)))
+                self.last_evict = sid
+            else:
+                b = batches[event.batch]
+                sid = self._new_id("gen", model)
+                deps = {self.load_of[model]: None} if self.load_of[model] else {}  # ordered set: deterministic
+                if model in residency.grown and evicted_before:
+                    deps[evicted_before] = None
+                for nid in b.nodes:
+                    for parent in graph.nodes[nid].parents:
+                        deps[self.step_of_node[parent]] = None
+                stream = self.stream_of.setdefault(model, len(self.stream_of) % streams)
+                steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.bytes,
+                                  b.slots))
+                self.runs_of[model].append(sid)
+                parts = [p for nid in b.nodes for p in graph.nodes[nid].fused_from[:-1]]  # answered by this call
+                answered([*b.nodes, *parts], sid)
+
+        return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
+                    dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
+                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial)
+
+    def _new_id(self, prefix: str, model: str) -> str:
+        k = self.counters.get((prefix, model), 0)
+        self.counters[(prefix, model)] = k + 1
         return f"{prefix}:{model}#{k}"
 
-    def answered(nids: list[str], sid: str) -> None:
-        """Record who answers `nids`; a host node whose last parent this was follows right behind."""
-        ready = []
-        for nid in nids:
-            step_of_node[nid] = sid
-            for host in waiting_on.get(nid, ()):
-                missing[host] -= 1
-                if not missing[host]:
-                    ready.append(host)
-        for host in ready:
-            deps = tuple(dict.fromkeys(step_of_node[p] for p in graph.nodes[host].parents))
-            steps.append(Step(f"host:{host}", StepKind.HOST, "", (host,), deps, host_stream))
-            answered([host], f"host:{host}")
 
-    for node in graph.nodes.values():
-        if node.host is not None and not node.parents:  # nothing to wait for
-            steps.append(Step(f"host:{node.id}", StepKind.HOST, "", (node.id,), (), host_stream))
-            answered([node.id], f"host:{node.id}")
-    for event in residency.events:
-        model = event.model
-        if event.op is Op.LOAD:
-            sid = new_id("load", model)
-            steps.append(Step(sid, StepKind.LOAD, model, (), (last_evict,) if last_evict else (), io_stream,
-                              ctx.cost.load_seconds(model), residency.footprints[model]))
-            load_of[model], runs_of[model] = sid, []
-        elif event.op is Op.EVICT:
-            sid = new_id("evict", model)
-            load = load_of.pop(model)
-            deps = ([load] if load else []) + runs_of.pop(model) + ([last_evict] if last_evict else [])
-            steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0,
-                              residency.footprints[model]))
-            last_evict = sid
-        else:
-            b = batches[event.batch]
-            sid = new_id("gen", model)
-            deps = {load_of[model]: None} if load_of[model] else {}  # dict as an ordered set: deterministic
-            for nid in b.nodes:
-                for parent in graph.nodes[nid].parents:
-                    deps[step_of_node[parent]] = None
-            stream = stream_of.setdefault(model, len(stream_of) % streams)
-            steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.bytes,
-                              b.slots))
-            runs_of[model].append(sid)
-            parts = [p for nid in b.nodes for p in graph.nodes[nid].fused_from[:-1]]  # answered by this call too
-            answered([*b.nodes, *parts], sid)
-
-    return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
-                dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
-                {m: b for m, b in residency.load_extra.items() if b}, residency.initial)
+def lower(graph: Graph, ctx: PassContext) -> Plan:
+    """A whole plan in one go (batch compilation)."""
+    return Lowering().lower(graph, ctx)

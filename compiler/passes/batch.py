@@ -61,13 +61,13 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
     """Calls of at most `call_size` nodes (None: `max_size`), at most `max_size` of them decoding at once."""
     call_size = max(max_size, call_size or max_size)
     cost, budget, cap = ctx.cost, ctx.config.memory_budget, ctx.config.max_batch_kv_bytes
-    levels = topo_levels(graph)
+    levels = topo_levels(graph, ctx.done)
     groups: dict[tuple[int, str], list[str]] = {}
     tokens_of: dict[str, tuple[int, int]] = {}
     worst: dict[str, tuple[int, str]] = {}  # model -> (largest single-node call bytes, its node)
     for nid, node in graph.nodes.items():  # graph order within a group: deterministic, insertion-stable
-        if not node.needs_model:
-            continue  # a host node, or a part answered by its fused node's call
+        if not node.needs_model or nid in ctx.done:
+            continue  # a host node, a part answered by its fused node's call, or answered by an earlier increment
         model = cost.model_of(node)
         groups.setdefault((levels[nid], model), []).append(nid)
         p, o = tokens_of[nid] = cost.node_tokens(node, graph)
@@ -127,9 +127,10 @@ def _check_fits(cost: CostModel, worst: dict[str, tuple[int, str]], budget: int)
                                 f"workspace {need - weights - base:,} for node {nid!r} alone")
 
 
-def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> None:
-    """Every node that needs a model call in exactly one batch of its own model; CompileError names the first
-    violation."""
+def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel,
+                  done: frozenset[str] = frozenset()) -> None:
+    """Every node that needs a model call (and no earlier plan increment answers) in exactly one batch of its own
+    model; CompileError names the first violation."""
     seen: dict[str, int] = {}
     for b in batches:
         for nid in b.nodes:
@@ -142,12 +143,12 @@ def check_batches(graph: Graph, batches: tuple[Batch, ...], cost: CostModel) -> 
                 raise CompileError(f"batch {b.index} runs {b.model!r} but node {nid!r} needs "
                                    f"{cost.model_of(graph.nodes[nid])!r}")
             seen[nid] = b.index
-            if not graph.nodes[nid].needs_model:
+            if not graph.nodes[nid].needs_model or nid in done:
                 raise CompileError(f"batch {b.index} names node {nid!r}, which needs no model call of its own")
-    missing = [nid for nid, node in graph.nodes.items() if nid not in seen and node.needs_model]
+    missing = [nid for nid, node in graph.nodes.items() if nid not in seen and node.needs_model and nid not in done]
     if missing:
         raise CompileError(f"{len(missing)} node(s) in no batch, e.g. {missing[:3]}")
 
 
 register(Pass("batch", batch, provides=frozenset({"batches"}),
-              check=lambda graph, ctx: check_batches(graph, graph.annotations["batches"], ctx.cost)))
+              check=lambda graph, ctx: check_batches(graph, graph.annotations["batches"], ctx.cost, ctx.done)))

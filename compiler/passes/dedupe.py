@@ -19,7 +19,9 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
     nodes = graph.nodes
     kept_for: dict[str, str] = {}  # removed id -> kept id
     first_with: dict[tuple, str] = {}  # dedupe key -> kept id
-    for nid in topo_order(graph):  # parents before children: their canonical ids are final
+    order = topo_order(graph)  # parents before children: their canonical ids are final
+    # work an earlier plan increment already answers is registered first: new work may reuse it, never replace it
+    for nid in [n for n in order if n in ctx.done] + [n for n in order if n not in ctx.done]:
         node = nodes[nid]
         if node.kind is not NodeKind.SUBQUERY or node.fused_from or not node.needs_model:
             continue  # aggregates stay per query; fused calls and their parts are bound to each other
@@ -27,7 +29,7 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
         resolved = REFERENCE.sub(lambda m: "{@" + inputs.get(m.group(1), m.group(1)) + "}", node.template)
         key = (node.expert, node.answer_type, node.accepts, resolved, tuple(inputs.values()))
         kept = first_with.setdefault(key, nid)
-        if kept != nid:
+        if kept != nid and nid not in ctx.done:
             kept_for[nid] = kept
     if not kept_for:
         return graph

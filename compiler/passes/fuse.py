@@ -30,7 +30,7 @@ PART_LABEL = "#fused"
 def fuse(graph: Graph, ctx: PassContext) -> Graph:
     if "chains" not in ctx.config.fuse:
         return graph
-    chains = find_chains(graph, ctx.config.fuse_max_chain)
+    chains = find_chains(graph, ctx.config.fuse_max_chain, ctx.done)
     if not chains:
         return graph
     children = graph.children()
@@ -54,14 +54,17 @@ def fuse(graph: Graph, ctx: PassContext) -> Graph:
 register(Pass("fuse", fuse, invalidates=DERIVED))
 
 
-def _fusable(node: Node) -> bool:
-    return node.kind is NodeKind.SUBQUERY and not node.fused_from and node.needs_model
-
-
-def find_chains(graph: Graph, max_len: int) -> list[list[str]]:
+def find_chains(graph: Graph, max_len: int, done: frozenset[str] = frozenset()) -> list[list[str]]:
     """Maximal same-expert chains (each link: the child reads only its parent), cut into pieces of
-    at most `max_len` members; pieces of one member are dropped."""
+    at most `max_len` members; pieces of one member are dropped. Nodes in `done` (answered by an earlier plan
+    increment) are never fused, nor nodes of a query still being planned (a later part may read any of them)."""
     nodes = graph.nodes
+
+    def _fusable(node: Node) -> bool:
+        complete = node.provenance is None or node.provenance.query_id in graph.queries
+        return (node.kind is NodeKind.SUBQUERY and not node.fused_from and node.needs_model and complete
+                and node.id not in done)
+
     succ: dict[str, str] = {}
     ambiguous: set[str] = set()
     for node in nodes.values():

@@ -4,7 +4,9 @@ A model occupies its *footprint* while resident: weights in their compute dtype 
 prefill workspace, reserved, so calls of resident models on different streams can never overflow together).
 Loading also holds the model's load transient (`ModelCost.load_extra_bytes`) until the load ends, and the
 runtime's base (`CostModel.base_bytes`) is held throughout, so the budget bounds what the process really
-holds. Models already loaded when the plan starts (`PassContext.resident`) begin resident. Loads happen on
+holds. Models already loaded when the plan starts (`PassContext.resident`) begin resident; in online
+compilation a model's reservation from earlier increments may have to grow for this increment's larger calls
+(`Residency.grown`: lowering makes those calls wait for the earlier increments' evictions). Loads happen on
 demand; when the budget is short, the victim is the resident model whose next use in the planned order is
 furthest away (`belady`: Belady/MIN, known exactly because the graph is known; optimal in the number of loads
 for equal footprints, a heuristic otherwise), or the least recently used one (`lru`, the baseline). A model
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Optional
+from typing import Mapping, Optional
 
 from compiler.config import PassContext, ResidencyPolicy
 from compiler.cost import CostModel
@@ -48,6 +50,7 @@ class Residency:
     load_extra: dict[str, int]  # model -> bytes held only while it loads
     initial: tuple[str, ...]  # models resident when the plan starts (no load event)
     policy: ResidencyPolicy
+    grown: frozenset[str] = frozenset()  # initial models whose earlier reservation grows for this plan's calls
 
     @property
     def loads(self) -> int:
@@ -74,18 +77,20 @@ def residency(graph: Graph, ctx: PassContext) -> Graph:
     return out
 
 
-def footprints(batches: tuple[Batch, ...], cost: CostModel, resident: Iterable[str] = ()) -> dict[str, int]:
-    """Bytes each model holds while resident: weights + its largest call (resident-only models: weights)."""
+def footprints(batches: tuple[Batch, ...], cost: CostModel, resident: Mapping[str, int] = {}) -> dict[str, int]:
+    """Bytes each model holds while resident: weights + its largest call, and never less than what earlier
+    increments already reserved for it (resident-only models: weights, or that reservation)."""
     held: dict[str, int] = {m: 0 for m in resident}
     for b in batches:
         held[b.model] = max(held.get(b.model, 0), b.bytes)
-    return {m: cost.cost(m).weight_bytes + k for m, k in held.items()}
+    return {m: max(cost.cost(m).weight_bytes + k, resident.get(m, 0)) for m, k in held.items()}
 
 
 def build_residency(batches: tuple[Batch, ...], order: tuple[int, ...], cost: CostModel, budget: Optional[int],
-                    policy: ResidencyPolicy, resident: Iterable[str] = ()) -> Residency:
-    initial = tuple(dict.fromkeys(resident))
-    sizes = footprints(batches, cost, initial)
+                    policy: ResidencyPolicy, resident: Mapping[str, int] = {}) -> Residency:
+    initial = tuple(resident)
+    sizes = footprints(batches, cost, resident)
+    grown = frozenset(m for m, reserved in resident.items() if reserved and sizes[m] > reserved)
     extra = {m: cost.cost(m).load_extra_bytes for m in sizes}
     if budget is not None:
         for model, size in sizes.items():
@@ -99,7 +104,7 @@ def build_residency(batches: tuple[Batch, ...], order: tuple[int, ...], cost: Co
     events = plan_residency([batches[i].model for i in order], sizes, extra, capacity, policy, initial)
     # plan_residency returns runs as positions in `order`; turn them back into batch indices
     events = tuple(Event(e.op, e.model, order[e.batch]) if e.op is Op.RUN else e for e in events)
-    return Residency(events, sizes, extra, initial, policy)
+    return Residency(events, sizes, extra, initial, policy, grown)
 
 
 def plan_residency(uses: list[str], sizes: dict[str, int], extra: dict[str, int], capacity: float,

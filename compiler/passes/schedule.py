@@ -28,7 +28,7 @@ class Schedule:
 
 def schedule(graph: Graph, ctx: PassContext) -> Graph:
     batches = graph.annotations["batches"]
-    check_batches(graph, batches, ctx.cost)
+    check_batches(graph, batches, ctx.cost, ctx.done)
     out = graph.copy()
     out.annotations["schedule"] = Schedule(tuple(order_batches(batches, ctx.resident)))
     return out
