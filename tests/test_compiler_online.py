@@ -46,7 +46,11 @@ def workloads(draw):
                             streams=draw(st.integers(1, 2)), fuse=draw(st.sampled_from([[], ["chains"]])),
                             residency=draw(st.sampled_from(["belady", "lru"])))
     free = compile(graph, cm, config)
-    floor = max(free.footprints.values())
+    # online, queries fuse and dedupe against whatever has arrived, so a node's prompt can differ from the one-shot
+    # plan's: leave twice the largest single call's bytes above the weights
+    alone = [cm.cost(cm.model_of(n)).weight_bytes + 2 * cm.batch_bytes(cm.model_of(n), [cm.node_tokens(n, g)])
+             for g in (graph, free.graph) for n in g if n.needs_model]
+    floor = max([*free.footprints.values(), *alone])
     config.memory_budget = draw(st.one_of(st.none(), st.integers(floor, floor + sum(free.footprints.values()))))
     return graph, cm, config, rng
 
