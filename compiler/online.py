@@ -16,6 +16,7 @@ from compiler.cost import CostModel
 from compiler.ir import Graph, Node, Query
 from compiler.lower import Lowering
 from compiler.pass_manager import PassManager
+from compiler.passes.registry import DERIVED
 from compiler.plan import Plan, Step
 from compiler.verify import verify
 
@@ -62,7 +63,8 @@ class OnlineCompiler:
         compiled = self.manager.run(self.graph, ctx)
         increment = self.lowering.lower(compiled, ctx)
         self.graph = compiled
-        self.graph.annotations.clear()  # derived for this increment only
+        for key in DERIVED:  # this increment's batches and schedule; the aliases (facts) stay for the next
+            self.graph.annotations.pop(key, None)
         plan = self.plan
         plan.graph = compiled
         plan.steps.extend(increment.steps)

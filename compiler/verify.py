@@ -133,10 +133,12 @@ def _check_sinks(graph: Graph) -> None:
         if children.get(sink.id):
             raise SinkError(f"query {query.id!r}: sink {sink.id!r} has dependents {children[sink.id]}")
     sinks = {q.sink for q in graph.queries.values()}  # a set: one lookup per node keeps verify linear
+    answers_for_others = set(graph.annotations.get("aliases", {}).values())  # deduplicated nodes' twins
     for node in graph:
         if node.kind is NodeKind.AGGREGATE and node.id not in sinks:
             raise SinkError(f"aggregate node {node.id!r} is the sink of no query")
         # a sub-query of a query still being planned (online: its sink comes last) may not feed anything yet
         still_open = node.provenance is not None and node.provenance.query_id not in graph.queries
-        if node.kind is NodeKind.SUBQUERY and not children.get(node.id) and not still_open:
+        if node.kind is NodeKind.SUBQUERY and not children.get(node.id) and not still_open \
+                and node.id not in answers_for_others:
             raise SinkError(f"sub-query node {node.id!r} feeds nothing: its answer would be lost")

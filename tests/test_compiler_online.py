@@ -13,7 +13,7 @@ from compiler.plan import StepKind
 from compiler.simulate import simulate
 from compiler.synthetic import random_cost_model, random_graph
 
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def arrivals(graph: Graph, rng: random.Random) -> list[list]:

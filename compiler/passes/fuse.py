@@ -34,13 +34,15 @@ def fuse(graph: Graph, ctx: PassContext) -> Graph:
     if not chains:
         return graph
     children = graph.children()
+    # a node other nodes were deduplicated onto stays addressable: their readers may still be on their way
+    targets = set(graph.annotations.get("aliases", {}).values())
     replaced: dict[str, Node | None] = {}  # None: dropped (read by nothing outside its chain)
     for chain in chains:
         members = [graph.nodes[nid] for nid in chain]
         fused = fuse_chain(members, [ctx.cost.output_tokens(n) for n in members])
         replaced[fused.id] = fused
         for node, following in zip(members, chain[1:]):
-            outside = [c for c in children[node.id] if c != following]
+            outside = [c for c in children[node.id] if c != following] or node.id in targets
             replaced[node.id] = part_node(node, fused.id) if outside else None
     out = rewritten(graph)
     out.nodes = {}
