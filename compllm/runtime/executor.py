@@ -10,10 +10,11 @@ call included). `barrier=True` instead runs the steps one at a time in plan orde
 from __future__ import annotations
 
 import logging
+import queue
 import sys
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Mapping, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Protocol
 
 from compiler.chains import split_answer
 from compiler.ir import Graph, Node
@@ -47,54 +48,134 @@ class PlanExecutor:
         """Execute `plan`; results are keyed by `original`'s node ids (deduped nodes share their twin's answer)."""
         if plan.graph is None:
             raise ValueError(f"policy {self.name!r}: the plan carries no graph")
-        run = _Run(plan, ctx, progress)
-        if self.barrier:
-            for step in plan.steps:
-                run.execute(step)
-        else:
-            run.run_streams()
+        run = LiveRun(ctx, progress, barrier=self.barrier)
+        run.submit(plan.steps, plan.graph, plan.aliases)
+        run.close()
+        run.wait()
         self.step_records = run.records
         return run.finish(original)
 
+    def start(self, ctx: ExecutionContext, progress: Any = None,
+              on_answer: Callable[[str, NodeResult], None] | None = None) -> "LiveRun":
+        """An execution that accepts plan increments while it runs (online compilation, serving)."""
+        run = LiveRun(ctx, progress, barrier=self.barrier, on_answer=on_answer)
+        run.start()
+        return run
 
-class _Run:
-    """State of one plan execution, shared by the stream workers."""
 
-    def __init__(self, plan: Plan, ctx: ExecutionContext, progress: Any):
-        self.plan, self.ctx, self.progress = plan, ctx, progress
-        self.graph: Graph = plan.graph
+class LiveRun:
+    """One plan execution, fed steps (the whole plan, or increments of it) and run by a coordinator: it asks the
+    shared walker which steps may start and hands each to its stream's worker thread; a step is done when its
+    work has really ended. Events (new steps, finished steps, closing) go through one queue, so the coordinator
+    is the only one that touches the walker."""
+
+    def __init__(self, ctx: ExecutionContext, progress: Any = None, barrier: bool = False,
+                 on_answer: Callable[[str, NodeResult], None] | None = None):
+        self.ctx, self.progress, self.barrier, self.on_answer = ctx, progress, barrier, on_answer
+        self.graph = Graph()
+        self.aliases: dict[str, str] = {}
         self.results: dict[str, NodeResult] = {}
         self.records: list[StepRecord] = []
         self.lock = threading.Lock()
         self.parts_of: dict[str, list[str]] = {}  # fused node -> its part nodes
-        for node in self.graph:
-            if node.part_of is not None:
-                self.parts_of.setdefault(node.part_of, []).append(node.id)
+        self._events: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._finished = threading.Event()
 
-    # --- scheduling ---------------------------------------------------------------------------
-    def run_streams(self) -> None:
-        walker = PlanWalker(self.plan.steps)
-        workers = {stream: ThreadPoolExecutor(1, thread_name_prefix=f"compllm-stream-{stream}",
-                                              initializer=_bind_device_stream)
-                   for stream in {s.stream for s in self.plan.steps}}
-        running: dict[Future, Step] = {}
+    # --- feeding ------------------------------------------------------------------------------
+    def submit(self, steps: list[Step], graph: Graph, aliases: Mapping[str, str] | None = None) -> None:
+        """Append steps (their deps name earlier steps) and the graph that names their nodes (a superset of
+        the previous one)."""
+        self._events.put(("steps", list(steps), graph, dict(aliases or {})))
+
+    def close(self) -> None:
+        """No more steps will come: the run ends once every submitted step is done."""
+        self._events.put(("close",))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.wait, name="compllm-coordinator", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for a started run to end (after close()); re-raises an executor bug."""
+        self._finished.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._finished.is_set()
+
+    # --- the coordinator ----------------------------------------------------------------------
+    def wait(self) -> None:
+        """Run every submitted step until closed and drained (in the calling thread)."""
         try:
-            while True:
+            if self.barrier:
+                self._run_in_order()
+            else:
+                self._run_eagerly()
+        except BaseException as exc:  # an executor bug: kept for join(), re-raised here too
+            self._error = exc
+            raise
+        finally:
+            self._finished.set()
+
+    def _take(self, event: tuple) -> bool:
+        """Apply a feeding event; returns False on close."""
+        if event[0] == "close":
+            return False
+        _, steps, graph, aliases = event
+        with self.lock:
+            self.graph = graph
+            self.aliases.update(aliases)
+            self.parts_of = {}
+            for node in graph:
+                if node.part_of is not None:
+                    self.parts_of.setdefault(node.part_of, []).append(node.id)
+        self._pending_steps.extend(steps)
+        return True
+
+    def _run_in_order(self) -> None:
+        """`barrier`: one step at a time, in plan order (the level and sequential policies)."""
+        self._pending_steps: list[Step] = []
+        open_ = True
+        while open_ or self._pending_steps:
+            if not self._pending_steps:
+                open_ = self._take(self._events.get())
+                continue
+            self.execute(self._pending_steps.pop(0))
+
+    def _run_eagerly(self) -> None:
+        self._pending_steps = []
+        walker = PlanWalker()
+        workers: dict[int, ThreadPoolExecutor] = {}
+        running = 0
+        open_ = True
+        try:
+            while open_ or running or not walker.finished:
+                if self._pending_steps:
+                    walker.extend(self._pending_steps)
+                    self._pending_steps = []
                 for step in walker.ready():
-                    running[workers[step.stream].submit(self.execute, step)] = step
-                if not running:
+                    if step.stream not in workers:
+                        workers[step.stream] = ThreadPoolExecutor(1, thread_name_prefix=f"compllm-stream-{step.stream}",
+                                                                  initializer=_bind_device_stream)
+                    future = workers[step.stream].submit(self.execute, step)
+                    future.add_done_callback(lambda f, sid=step.id: self._events.put(("done", sid, f)))
+                    running += 1
+                if not open_ and not running:
+                    if not walker.finished:
+                        raise RuntimeError(f"plan steps never became ready: {walker.stuck_heads()} (the plan breaks "
+                                           "the executor contract; Plan.verify() should have refused it)")
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    step = running.pop(future)
-                    future.result()  # an executor bug: re-raised here, after the other steps are drained below
-                    walker.finish(step.id)
+                event = self._events.get()
+                if event[0] == "done":
+                    running -= 1
+                    event[2].result()  # an executor bug is re-raised here
+                    walker.finish(event[1])
+                else:
+                    open_ = self._take(event) and open_
         finally:
             for pool in workers.values():
                 pool.shutdown(wait=True)
-        if not walker.finished:
-            raise RuntimeError(f"plan steps never became ready: {walker.stuck_heads()} (the plan breaks the "
-                               "executor contract; Plan.verify() should have refused it)")
 
     # --- steps --------------------------------------------------------------------------------
     def execute(self, step: Step) -> None:
@@ -124,6 +205,7 @@ class _Run:
                 res.status = "ok" if not res.error else "failed"
                 res.end = self.ctx.now()
         self._advance(step)
+        self._announce(step.nodes)
 
     def _generate(self, step: Step) -> None:
         runnable: list[tuple[Node, NodeResult]] = []
@@ -153,10 +235,17 @@ class _Run:
                     elif node.fused_from:
                         self._store_parts(node, res)
         self._advance(step)
+        self._announce([*step.nodes, *(p for n in step.nodes for p in self.parts_of.get(n, ()))])
 
     def _advance(self, step: Step) -> None:
         if self.progress is not None:
             self.progress.update(len(step.nodes))
+
+    def _announce(self, node_ids) -> None:
+        """Tell the listener (a server waiting for its requests' answers) which nodes are final now."""
+        if self.on_answer is not None:
+            for nid in node_ids:
+                self.on_answer(nid, self.results[nid])
 
     def _store_parts(self, fused: Node, res: NodeResult) -> None:
         """A fused node's reply answers several original nodes: give each part node its share."""
@@ -180,7 +269,7 @@ class _Run:
         """Results keyed by the *original* graph's node ids: deduped nodes take their kept twin's answer."""
         out: dict[str, NodeResult] = {}
         for node_id, node in original.nodes.items():
-            kept = self.plan.aliases.get(node_id, node_id)
+            kept = self.aliases.get(node_id, node_id)
             res = self.results.get(kept)
             if res is None:
                 res = self.ctx.new_result(node, "")
