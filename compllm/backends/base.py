@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
+
+#: Streaming reader of a call: (request index, its text so far), called as each row's text grows.
+OnText = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,15 @@ class Backend(Protocol):
     `max_live_rows` (a plan step's slots; None: all at once): at most that many rows decode at once, the
     others join as rows finish. Backends without continuous refill may ignore it: it changes speed and
     memory, never answers. `cancel`: once set, stop soon (within a decode step) by raising
-    `GenerationCancelled`: a timed-out call must really end before its step may count as done."""
+    `GenerationCancelled`: a timed-out call must really end before its step may count as done. `on_text`:
+    called with (request index, text so far) as a row's text grows (backends that cannot stream call it once,
+    at the end)."""
 
     name: str
     stats: ModelStats
 
     def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
-                 cancel: Optional[threading.Event] = None) -> list[Generation]: ...
+                 cancel: Optional[threading.Event] = None, on_text: Optional[OnText] = None) -> list[Generation]: ...
 
 
 class BackendError(RuntimeError):

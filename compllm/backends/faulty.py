@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from compllm.backends.base import Backend, BackendError, Generation, GenerationCancelled, GenerationRequest
+from compllm.backends.base import (Backend, BackendError, Generation, GenerationCancelled, GenerationRequest,
+                                   OnText)
 
 KINDS = ("error", "oom", "hang", "empty")
 
@@ -82,7 +83,7 @@ class FaultyModel:
         return kind, blanks
 
     def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
-                 cancel: threading.Event | None = None) -> list[Generation]:
+                 cancel: threading.Event | None = None, on_text: OnText | None = None) -> list[Generation]:
         kind, blanks = self._draw(len(requests))
         if kind is not None:
             with self._lock:
@@ -93,7 +94,7 @@ class FaultyModel:
             raise InjectedOutOfMemory(f"CUDA out of memory (injected into {self.inner.name})")
         if kind == "hang" and (cancel or threading.Event()).wait(self.settings.hang_s):
             raise GenerationCancelled(f"injected hang in {self.inner.name} cancelled")
-        generations = list(self.inner.generate(requests, max_live_rows=max_live_rows, cancel=cancel))
+        generations = list(self.inner.generate(requests, max_live_rows=max_live_rows, cancel=cancel, on_text=on_text))
         with self._lock:
             self.injected["empty"] += sum(blanks[: len(generations)])
         return [replace(g, text="", output_tokens=0) if blank else g for g, blank in zip(generations, blanks)]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from compiler.cost import admit_rows
 from compllm.backends.base import (BackendError, BackendOutOfMemory, Generation, GenerationCancelled,
-                                   GenerationRequest, ModelStats)
+                                   GenerationRequest, ModelStats, OnText)
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,13 @@ class HFModel:
         return self.tokenizer.apply_chat_template(list(request.messages), tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
-                 cancel: threading.Event | None = None) -> list[Generation]:
+                 cancel: threading.Event | None = None, on_text: OnText | None = None) -> list[Generation]:
         """Greedy answers for `requests`, decoded together; at most `max_live_rows` rows decode at once (None: all).
 
         With a cap below len(requests), the call runs as a continuously refilled batch: rows join (in request
         order, see `compiler.cost.admit_rows`) as others finish, so a long answer never decodes alone while
-        work is waiting. `cancel` is checked before every forward pass.
+        work is waiting. `cancel` is checked before every forward pass; `on_text(row, text so far)` is called as
+        each row's text grows (a streaming reader, e.g. the planner's incremental parser).
         """
         import torch
 
@@ -108,7 +109,7 @@ class HFModel:
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
             try:
-                rows, prompt_tokens = self._decode(prompts, requests, slots, cancel)
+                rows, prompt_tokens = self._decode(prompts, requests, slots, cancel, on_text)
             except torch.OutOfMemoryError as exc:
                 raise BackendOutOfMemory(f"model {self.name!r} ran out of device memory: {exc}") from exc
             seconds = time.perf_counter() - start
@@ -132,7 +133,8 @@ class HFModel:
         return results
 
     def _decode(self, prompts: Sequence[str], requests: Sequence[GenerationRequest], slots: int,
-                cancel: threading.Event | None = None) -> tuple[list[tuple[list[int], bool]], list[int]]:
+                cancel: threading.Event | None = None,
+                on_text: OnText | None = None) -> tuple[list[tuple[list[int], bool]], list[int]]:
         """Greedy decoding of left-padded rows; each row leaves the batch as soon as it is done.
 
         `model.generate` keeps finished rows in the batch until the longest one ends, so one rambling answer
@@ -174,6 +176,8 @@ class HFModel:
                     finished[row] = True
                     continue
                 tokens[row].append(token)
+                if on_text is not None:
+                    on_text(row, self.tokenizer.decode(tokens[row], skip_special_tokens=True))
                 request = requests[row]
                 if request.stop and _cut_at_stop(self.tokenizer.decode(tokens[row][-32:]), request.stop)[1]:
                     finished[row] = True

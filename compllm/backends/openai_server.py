@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import MISSING
 
-from compllm.backends.base import BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats
+from compllm.backends.base import (BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats,
+                                   OnText)
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20  # the most every server here returns per token (vLLM's default --max-logprobs)
@@ -91,12 +92,13 @@ class OpenAIServerModel:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
-                 cancel: threading.Event | None = None) -> list[Generation]:
+                 cancel: threading.Event | None = None, on_text: OnText | None = None) -> list[Generation]:
+        """`on_text`: the replies are streamed (`stream: true`) and each row's text so far is handed over."""
         if not requests:
             return []
         slots = min(max_live_rows or len(requests), self.server.max_concurrency)
         start = time.perf_counter()
-        results = self._run(self._batch(list(requests), slots), cancel)
+        results = self._run(self._batch(list(requests), slots, on_text), cancel)
         seconds = time.perf_counter() - start
         out = [Generation(text, p, o, seconds, finish, len(requests)) for text, p, o, finish in results]
         self.stats.calls += 1
@@ -119,30 +121,56 @@ class OpenAIServerModel:
         except concurrent.futures.CancelledError:
             raise GenerationCancelled(f"model {self.alias!r}: call cancelled") from None
 
-    async def _batch(self, requests: list[GenerationRequest], slots: int) -> list[tuple[str, int, int, str]]:
+    async def _batch(self, requests: list[GenerationRequest], slots: int,
+                     on_text: OnText | None) -> list[tuple[str, int, int, str]]:
         gate = asyncio.Semaphore(slots)
 
-        async def one(request: GenerationRequest):
+        async def one(i: int, request: GenerationRequest):
             async with gate:
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
+                    if on_text is not None and not request.choices:
+                        return await self._streamed(request, lambda text: on_text(i, text))
                     return await self._one(request)
                 finally:
                     self.in_flight -= 1
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.server.model, "messages": list(request.messages), "temperature": 0.0,
+                                  "max_tokens": request.max_new_tokens}
+        if request.stop:
+            kwargs["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4 stop strings
+        return kwargs
+
+    async def _streamed(self, request: GenerationRequest, on_text) -> tuple[str, int, int, str]:
+        """A streamed reply: the text so far after every chunk; token counts from the final usage chunk, if any."""
+        text, finish, prompt, output = "", "stop", 0, 0
+        try:
+            stream = await self._client.chat.completions.create(**self._kwargs(request), stream=True,
+                                                                 stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    prompt, output = int(chunk.usage.prompt_tokens or 0), int(chunk.usage.completion_tokens or 0)
+                for choice in chunk.choices or ():
+                    if choice.delta is not None and choice.delta.content:
+                        text += choice.delta.content
+                        on_text(text)
+                    if choice.finish_reason:
+                        finish = "length" if choice.finish_reason == "length" else "stop"
+        except Exception as exc:  # noqa: BLE001 - classified into a backend fault with the alias and URL
+            raise self._fault(exc) from exc
+        return text.strip(), prompt, output, finish
 
     async def _one(self, request: GenerationRequest) -> tuple[str, int, int, str]:
-        kwargs: dict[str, Any] = {"model": self.server.model, "messages": list(request.messages), "temperature": 0.0}
+        kwargs = self._kwargs(request)
         if request.choices:
+            kwargs.pop("stop", None)
             kwargs["max_tokens"] = 1
             if self.server.logprobs:
                 kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
-        else:
-            kwargs["max_tokens"] = request.max_new_tokens
-            if request.stop:
-                kwargs["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4 stop strings
         try:
             response = await self._client.chat.completions.create(**kwargs)
         except Exception as exc:  # noqa: BLE001 - classified into a backend fault with the alias and URL
