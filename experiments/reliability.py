@@ -228,7 +228,7 @@ class EchoModel:
     def __init__(self, name: str):
         self.name, self.stats = name, ModelStats()
 
-    def generate(self, requests, max_live_rows=None, cancel=None):
+    def generate(self, requests, max_live_rows=None, cancel=None, on_text=None):
         return [Generation(f"{self.name}:{sum(map(ord, r.messages[-1]['content'])) % 9973}", 10, 2, 0.0, "stop",
                            len(requests)) for r in requests]
 

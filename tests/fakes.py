@@ -28,7 +28,7 @@ class EchoModel:
         self.live_caps: list[int | None] = []  # max_live_rows of each call
         self.lock = threading.Lock()
 
-    def generate(self, requests, max_live_rows=None, cancel=None):
+    def generate(self, requests, max_live_rows=None, cancel=None, on_text=None):
         with self.lock:
             self.batches.append(len(requests))
             self.live_caps.append(max_live_rows)

@@ -138,7 +138,7 @@ class FlakyModel(EchoModel):
         super().__init__(name)
         self.failures, self.hang, self.calls, self.running = failures, hang, 0, 0
 
-    def generate(self, requests, max_live_rows=None, cancel=None):
+    def generate(self, requests, max_live_rows=None, cancel=None, on_text=None):
         from compllm.backends.base import BackendError
 
         self.calls += 1
@@ -180,7 +180,7 @@ def test_hung_call_is_cancelled_and_its_step_ends_only_when_the_call_has_stopped
 
 def test_a_bug_in_a_backend_is_not_retried_but_fails_its_nodes_with_the_reason():
     class Buggy(EchoModel):
-        def generate(self, requests, max_live_rows=None, cancel=None):
+        def generate(self, requests, max_live_rows=None, cancel=None, on_text=None):
             self.batches.append(len(requests))
             raise KeyError("oops")
 

@@ -28,7 +28,7 @@ class EmptyOnce(EchoModel):
         super().__init__(name)
         self.word, self.times, self.seen = word, times, Counter()
 
-    def generate(self, requests, max_live_rows=None, cancel=None):
+    def generate(self, requests, max_live_rows=None, cancel=None, on_text=None):
         out = super().generate(requests)
         for i, r in enumerate(requests):
             user = r.messages[-1]["content"]
