@@ -78,43 +78,63 @@ def add_query(
     subqueries = list(subqueries)
     _check(graph, query_id, text, subqueries, limits)
     for sq in subqueries:
-        deps = set(sq.depends_on)
-        template = _HASH_REF.sub(lambda m: "{#%s}" % m.group(1) if int(m.group(1)) in deps else m.group(0),
-                                 _literal(sq.text))
-        answer_type = AnswerType.parse(sq.answer_type)
-        graph.add(
-            Node(
-                id=node_id(query_id, sq.index),
-                kind=NodeKind.SUBQUERY,
-                template=template,
-                expert=sq.expert,
-                inputs={f"#{d}": node_id(query_id, d) for d in sorted(deps)},
-                answer_type=answer_type,
-                est_prompt_tokens=len(sq.text) // CHARS_PER_TOKEN + 1,
-                # CHOICE: the answer is one scored option letter, no decoding
-                est_output_tokens=1 if answer_type is AnswerType.CHOICE else sq.max_new_tokens,
-                provenance=Provenance(query_id, sq.index, sq.route_score, sq.routed_by),
-            )
-        )
-    sink = node_id(query_id, "agg")
-    joined = final is FinalAnswer.join
-    read = {d for sq in subqueries for d in sq.depends_on} if joined else set()
-    graph.add(
-        Node(
-            id=sink,
-            kind=NodeKind.AGGREGATE,
-            template=_literal(text),
-            expert=aggregator_expert,
-            inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries if sq.index not in read},
-            est_prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
-            est_output_tokens=0 if joined else aggregator_max_new_tokens,
-            host=HostOp.JOIN if joined else None,
-            provenance=Provenance(query_id, None, None, "aggregator"),
-        )
-    )
-    query = Query(query_id, text, sink)
+        graph.add(subquery_node(query_id, sq))
+    sink = graph.add(aggregate_node(query_id, text, subqueries, aggregator_expert, aggregator_max_new_tokens, final))
+    query = Query(query_id, text, sink.id)
     graph.add_query(query)
     return query
+
+
+def subquery_node(query_id: str, sq: RoutedSubQuery) -> Node:
+    """One sub-query's node (checked input: see `add_query`, or `check_subquery` when parts arrive one by one)."""
+    deps = set(sq.depends_on)
+    template = _HASH_REF.sub(lambda m: "{#%s}" % m.group(1) if int(m.group(1)) in deps else m.group(0),
+                             _literal(sq.text))
+    answer_type = AnswerType.parse(sq.answer_type)
+    return Node(
+        id=node_id(query_id, sq.index),
+        kind=NodeKind.SUBQUERY,
+        template=template,
+        expert=sq.expert,
+        inputs={f"#{d}": node_id(query_id, d) for d in sorted(deps)},
+        answer_type=answer_type,
+        est_prompt_tokens=len(sq.text) // CHARS_PER_TOKEN + 1,
+        # CHOICE: the answer is one scored option letter, no decoding
+        est_output_tokens=1 if answer_type is AnswerType.CHOICE else sq.max_new_tokens,
+        provenance=Provenance(query_id, sq.index, sq.route_score, sq.routed_by),
+    )
+
+
+def aggregate_node(query_id: str, text: str, subqueries: list[RoutedSubQuery], aggregator_expert: str,
+                   aggregator_max_new_tokens: int | None, final: FinalAnswer) -> Node:
+    """The query's sink: its final answer, joined on the host from the parts nothing else reads, or written by
+    the aggregator model from every part."""
+    joined = final is FinalAnswer.join
+    read = {d for sq in subqueries for d in sq.depends_on} if joined else set()
+    return Node(
+        id=node_id(query_id, "agg"),
+        kind=NodeKind.AGGREGATE,
+        template=_literal(text),
+        expert=aggregator_expert,
+        inputs={f"#{sq.index}": node_id(query_id, sq.index) for sq in subqueries if sq.index not in read},
+        est_prompt_tokens=len(text) // CHARS_PER_TOKEN + 1,
+        est_output_tokens=0 if joined else aggregator_max_new_tokens,
+        host=HostOp.JOIN if joined else None,
+        provenance=Provenance(query_id, None, None, "aggregator"),
+    )
+
+
+def check_subquery(query_id: str, sq: RoutedSubQuery, earlier: set[int], limits: BuildLimits = BuildLimits()) -> None:
+    """A part arriving on its own (a streaming planner): valid, and reading only parts that arrived before it."""
+    label = f"query {query_id!r}, sub-query {sq.index}"
+    if isinstance(sq.index, bool) or not isinstance(sq.index, int) or sq.index < 1 or sq.index in earlier:
+        raise BuildError(f"{label}: index must be a new integer >= 1")
+    if len(earlier) >= limits.max_subqueries:
+        raise BuildError(f"{label}: over the cap of {limits.max_subqueries} sub-queries (decomposer.max_subqueries)")
+    _check_text(label, sq.text, limits)
+    for dep in sq.depends_on:
+        if dep not in earlier:
+            raise BuildError(f"{label} depends on {dep!r}, which is not an earlier sub-query of this query")
 
 
 def _literal(text: str) -> str:
