@@ -142,6 +142,8 @@ class Pipeline:
             rewrite: Callable[[Decomposition], Decomposition] | None = None) -> tuple[RunResult, Graph]:
         """`progress(total)` may return a tqdm-like bar advanced once per executed node. Baselines that split
         differently pass their own `decompositions` (route-only) or `rewrite` the planner's (dependencies dropped)."""
+        if decompositions is None and rewrite is None and self.decomposer.stream:
+            return self.run_online(queries, progress)
         self.timings = {}
         self.prepare()
         ctx = self.context()
@@ -165,13 +167,46 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         records += self.policy.step_records
-        memory = {"measured_peak_bytes": peak_memory_bytes(),
-                  "planned_peak_bytes": max(plan.peak_planned_bytes, planner_peak),
-                  "planned_plan_peak_bytes": plan.peak_planned_bytes, "planned_planner_peak_bytes": planner_peak,
-                  "budget_bytes": self.compiler_config.memory_budget}
-        result = RunResult.from_execution(self.policy.name, graph, decompositions, routes, node_results, plan,
-                                          records, dict(self.timings), self.pool.loaded(), memory, execute_start)
+        memory = self.memory(plan, planner_peak)
+        ids = list(graph.queries)
+        result = RunResult.from_execution(self.policy.name, graph, dict(zip(ids, decompositions)),
+                                          dict(zip(ids, routes)), node_results, plan, records, dict(self.timings),
+                                          self.pool.loaded(), memory, execute_start)
         return result, graph
+
+    def run_online(self, queries: Sequence[str], progress: Callable[[int | None], Any] | None = None
+                   ) -> tuple[RunResult, Graph]:
+        """The same answers, sooner: the planner is read while it writes and each complete part joins the
+        running plan at once (see compllm/online.py)."""
+        from compllm.online import OnlinePipe
+
+        self.timings = {}
+        self.prepare()
+        bar = progress(None) if progress else None
+        try:
+            with self._stage("execute"):
+                pipe = OnlinePipe(self, bar)
+                ids = pipe.ask(queries)
+                pipe.close()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.timings["decompose"] = sum(r.end - r.start for r in pipe.records)
+        self.timings["compile"] = pipe.compile_seconds
+        decompositions = {qid: pipe.queries[qid].decomposition for qid in ids}
+        routes = {qid: [pipe.queries[qid].parts[sq.index][1] for sq in d.subqueries] for qid, d in decompositions.items()}
+        plan = pipe.compiler.plan
+        result = RunResult.from_execution(
+            self.policy.name, pipe.original, decompositions, routes, pipe.live.finish(pipe.original), plan,
+            pipe.records + pipe.live.records, dict(self.timings), self.pool.loaded(),
+            self.memory(plan, self.planner_peak_bytes(list(decompositions.values()))), 0.0, pipe.marks, ids)
+        return result, pipe.original
+
+    def memory(self, plan: Plan, planner_peak: int) -> dict[str, Any]:
+        return {"measured_peak_bytes": peak_memory_bytes(),
+                "planned_peak_bytes": max(plan.peak_planned_bytes, planner_peak),
+                "planned_plan_peak_bytes": plan.peak_planned_bytes, "planned_planner_peak_bytes": planner_peak,
+                "budget_bytes": self.compiler_config.memory_budget}
 
     def planner_peak_bytes(self, decompositions: Sequence[Decomposition]) -> int:
         """What the planner's phase holds: the base, the models then resident, and the planner's call."""

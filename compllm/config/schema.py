@@ -74,6 +74,7 @@ class DecomposerConfig:
     max_query_chars: int = 4000
     split_enumerated: bool = True  # numbered questions are split at their numbers, no model call
     detect_choices: bool = True  # their questions with lettered options are typed `choice` (scored, not generated)
+    stream: bool = True  # read the planner while it writes: each complete part joins the running plan at once
 
 
 @dataclass

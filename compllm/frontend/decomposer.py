@@ -41,8 +41,10 @@ class Decomposer:
 
     def __init__(self, model: str, system_prompt: str, examples: Sequence[Mapping[str, Any]] = (),
                  max_subqueries: int = 8, max_chars: int = 1000, max_new_tokens: int = 256,
-                 max_query_chars: int = 4000, split_enumerated: bool = True, detect_choices: bool = True):
+                 max_query_chars: int = 4000, split_enumerated: bool = True, detect_choices: bool = True,
+                 stream: bool = True):
         self.model = model
+        self.stream = stream  # read while it writes: parts join the running plan as soon as they are complete
         self.split_enumerated = split_enumerated
         self.detect_choices = detect_choices
         self.system_prompt = system_prompt

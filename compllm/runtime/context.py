@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from compiler.ir import Graph, Node, NodeKind
-from compllm.backends.base import GenerationRequest
+from compllm.backends.base import GenerationRequest, OnText
 from compllm.backends.pool import ModelPool
 from compllm.experts import Expert
 from compllm.runtime.faults import CallOutcome, RetryPolicy, generate_with_retry
@@ -30,12 +30,16 @@ class ExecutionContext:
     t0: float = field(default_factory=time.perf_counter)
 
     def generate(self, model: str, requests: Sequence[GenerationRequest], policies: Sequence[RetryPolicy],
-                 what: str, slots: int = 0) -> list[CallOutcome]:
+                 what: str, slots: int = 0, on_text: OnText | None = None) -> list[CallOutcome]:
         """One (batched) call on a resident model under the requests' retry policies: one outcome per request,
-        never an exception. `slots` (from the plan): at most that many rows decode at once; 0 = all at once."""
+        never an exception. `slots` (from the plan): at most that many rows decode at once; 0 = all at once.
+        `on_text(request index, text so far)`: stream the replies (a retry streams its requests again)."""
+        index = {id(r): i for i, r in enumerate(requests)}
 
         def call(batch: list[GenerationRequest], cancel: threading.Event):
-            return self.pool.resident(model).generate(batch, max_live_rows=slots or None, cancel=cancel)
+            streamed = None if on_text is None else (lambda row, text: on_text(index[id(batch[row])], text))
+            return self.pool.resident(model).generate(batch, max_live_rows=slots or None, cancel=cancel,
+                                                      on_text=streamed)
 
         return generate_with_retry(call, list(requests), policies, what)
 

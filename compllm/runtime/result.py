@@ -65,25 +65,30 @@ class RunResult:
         return asdict(self)
 
     @classmethod
-    def from_execution(cls, policy: str, graph: "Graph", decompositions: Sequence["Decomposition"],
-                       routes: Sequence[Sequence["Route"]], node_results: Mapping[str, NodeResult], plan: "Plan",
+    def from_execution(cls, policy: str, graph: "Graph", decompositions: Mapping[str, "Decomposition"],
+                       routes: Mapping[str, Sequence["Route"]], node_results: Mapping[str, NodeResult], plan: "Plan",
                        records: Sequence["StepRecord"], timings: Mapping[str, float], loaded: Mapping[str, Any],
-                       memory: dict[str, Any], execute_start: float) -> "RunResult":
+                       memory: dict[str, Any], execute_start: float, marks: Sequence[Any] = (),
+                       order: Sequence[str] | None = None) -> "RunResult":
+        """`decompositions` and `routes` by query id; `order`: the query ids in the order they were asked."""
         from compllm.runtime.trace import chrome_trace
 
-        queries = [_query_result(qid, query.text, query.sink, d, rs, graph, node_results, execute_start)
-                   for (qid, query), d, rs in zip(graph.queries.items(), decompositions, routes)]
+        queries = [query_result(qid, graph.queries[qid].text, graph.queries[qid].sink, decompositions[qid],
+                                routes[qid], graph, node_results, execute_start)
+                   for qid in (order or list(graph.queries))]
         models = {alias: {"name": m.name, "load_seconds": round(m.stats.load_seconds, 3), "calls": m.stats.calls,
                           "prompt_tokens": m.stats.prompt_tokens, "output_tokens": m.stats.output_tokens}
                   for alias, m in loaded.items()}
         errors = [f"{r.node_id}: {r.error}" for q in queries for r in q.nodes if r.status == "failed"]
-        trace = chrome_trace(policy, node_results.values(), records)
+        trace = chrome_trace(policy, node_results.values(), records, marks)
         return cls(policy, queries, {k: round(v, 3) for k, v in timings.items()}, models, errors, plan.to_dict(),
                    trace, memory)
 
 
-def _query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: Sequence["Route"], graph: "Graph",
-                  results: Mapping[str, NodeResult], execute_start: float) -> QueryResult:
+def query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: Sequence["Route"], graph: "Graph",
+                 results: Mapping[str, NodeResult], execute_start: float) -> QueryResult:
+    """One query's result: its final answer (saying which parts have none, and why), every node's result, and
+    its decomposition with each part's routing."""
     nodes = [results[n.id] for n in graph if n.provenance and n.provenance.query_id == qid]
     sink = results[sink_id]
     unanswered = [f"part {graph.nodes[r.node_id].provenance.subquery_index}: {r.error or r.status}" for r in nodes

@@ -24,11 +24,23 @@ class StepRecord:
     slots: int = 0  # generate: rows decoding at once when the call refills (0: all at once)
 
 
-def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepRecord] = ()) -> dict:
+@dataclass(frozen=True)
+class Mark:
+    """A moment on a stream's row, e.g. when the planner's output for a sub-query was parsed."""
+
+    name: str
+    stream: int
+    at: float  # seconds since the run started
+
+
+def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepRecord] = (),
+                 marks: Sequence[Mark] = ()) -> dict:
     events: list[dict] = [te.process_name(1, f"compllm {policy}: streams"),
                           te.process_name(2, f"compllm {policy}: queries")]
-    for stream in sorted({s.stream for s in steps}):
-        events.append(te.thread_name(1, stream, f"stream {stream}"))
+    for stream in sorted({s.stream for s in steps} | {m.stream for m in marks}):
+        events.append(te.thread_name(1, stream, "planner" if stream < 0 else f"stream {stream}"))
+    for m in marks:
+        events.append(te.instant(m.name, 1, m.stream, m.at, {}))
     for s in steps:
         name = f"{s.kind} {s.model}".rstrip() + (f" x{len(s.nodes)}" if s.nodes else "") + \
             (f" ({s.slots} at a time)" if s.slots else "")

@@ -1,0 +1,189 @@
+"""The pipe run online: the planner is read while it writes, and every complete part is routed and compiled into
+the running plan at once, so experts start on part 1 while the planner still writes part 3; whole queries join
+the same plan as they arrive (the server's requests), batched with the work already waiting.
+
+One `OnlineCompiler` (append-only plan increments, verified after each) and one `LiveRun` (the executor fed
+those increments) per pipe; the runtime never re-plans. Numbered questions need no planner call and start at
+once. A query's final-answer node is compiled when its decomposition is complete.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from compiler.build import (BuildLimits, RoutedSubQuery, aggregate_node, check_subquery, node_id,
+                            subquery_node)
+from compiler.ir import AGGREGATOR, Graph, Query
+from compiler.online import OnlineCompiler
+from compllm.frontend.decomposer import Decomposition
+from compllm.frontend.parse import SubQuery
+from compllm.frontend.router import Route
+from compllm.frontend.streaming import StreamingReader
+from compllm.runtime.result import NodeResult, QueryResult, query_result
+from compllm.runtime.trace import Mark, StepRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Query:
+    id: str
+    text: str
+    parts: dict[int, tuple[SubQuery, Route]] = field(default_factory=dict)  # admitted parts
+    decomposition: Decomposition | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class OnlinePipe:
+    """A running composed team: `ask` queries (from any thread), `result` their answers, `close` to drain."""
+
+    def __init__(self, pipeline: Any, progress: Any = None, on_done: Callable[[str], None] | None = None):
+        pipeline.prepare()
+        self.p = pipeline
+        self.ctx = pipeline.context()
+        self.on_done = on_done
+        self.compiler = OnlineCompiler(pipeline.cost, pipeline.compiler_config,
+                                       resident={m: 0 for m in pipeline.pool.loaded()})
+        self.original = Graph()  # as built from the planner's parts, before passes: results name these nodes
+        self.queries: dict[str, _Query] = {}
+        self.records: list[StepRecord] = []  # the planner calls
+        self.marks: list[Mark] = []  # when each part was parsed
+        self.compile_seconds = 0.0
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._limits = BuildLimits(pipeline.decomposer.max_subqueries,
+                                   max(pipeline.decomposer.max_chars, pipeline.decomposer.max_query_chars))
+        self._parts: queue.Queue = queue.Queue()  # (query id, part) from the planner's stream, admitted in order
+        self._admitter = threading.Thread(target=self._admit_loop, name="compllm-admit", daemon=True)
+        self._admitter.start()
+        self.live = pipeline.policy.start(self.ctx, progress, on_answer=self._answered)
+
+    # --- asking -------------------------------------------------------------------------------------
+    def ask(self, texts: Sequence[str], stream: bool = True) -> list[str]:
+        """Start answering `texts` (one planner call for all of them); returns their query ids at once after
+        the planner call. Parts are compiled into the running plan as the planner writes them (`stream`)."""
+        d = self.p.decomposer
+        ids = [f"q{next(self._ids)}" for _ in texts]
+        for qid, text in zip(ids, texts):
+            self.queries[qid] = _Query(qid, text)
+        rest = []
+        for qid, text in zip(ids, texts):
+            numbered = d.enumerated(text)
+            if numbered is not None:
+                self._complete(qid, numbered)
+            else:
+                rest.append((qid, text))
+        if rest:
+            self._plan(rest, stream)
+        return ids
+
+    def result(self, qid: str, timeout: float | None = None) -> QueryResult | None:
+        """The query's result once its final answer exists (None on timeout)."""
+        if not self.queries[qid].done.wait(timeout):
+            return None
+        return self._query_result(qid)
+
+    def close(self) -> None:
+        """No more queries: wait for every step to finish."""
+        self._parts.join()
+        self.live.close()
+        self.live.join()
+
+    # --- the planner, streamed ------------------------------------------------------------------------
+    def _plan(self, queries: list[tuple[str, str]], stream: bool) -> None:
+        d, model = self.p.decomposer, self.p.decomposer.model
+        readers = {i: StreamingReader(d, text, lambda sq, qid=qid: self._parts.put((qid, sq)))
+                   for i, (qid, text) in enumerate(queries)}
+        self.p.pool.get(model)  # the planner's model: loaded on demand, before the plan uses it
+        start = self.ctx.now()
+        outcomes = self.ctx.generate(model, [d.request(text) for _, text in queries], [self.p.retry] * len(queries),
+                                     "plan", on_text=(lambda row, text: readers[row].feed(text)) if stream else None)
+        self.records.append(StepRecord("plan", "plan", model, -1, start, self.ctx.now(), tuple(q for q, _ in queries)))
+        for i, ((qid, text), outcome) in enumerate(zip(queries, outcomes)):
+            for sq, at in zip(readers[i].parts, readers[i].parsed_at):
+                self.marks.append(Mark(f"parsed {qid}:{sq.index}", -1, at - self.ctx.t0))
+            if outcome.generation is None:
+                decomposition = d.single(text, reason=f"decomposer call failed: {outcome.error}")
+                if readers[i].parts:  # parts already running stay: they are the decomposition
+                    decomposition = Decomposition(text, tuple(readers[i].parts), False,
+                                                  warnings=(f"the planner call failed after {len(readers[i].parts)} "
+                                                            f"parts: {outcome.error}",), format="json")
+            else:
+                decomposition = readers[i].finish(outcome.generation.text, outcome.generation)
+            self._parts.put((qid, decomposition))
+
+    # --- admission: parts and queries into the plan ---------------------------------------------------
+    def _admit_loop(self) -> None:
+        while True:
+            qid, item = self._parts.get()
+            try:
+                if isinstance(item, Decomposition):
+                    self._complete(qid, item)
+                else:
+                    self._admit(qid, [item])
+            except Exception:  # noqa: BLE001 - a part that cannot be admitted must not stop the others
+                log.exception("could not admit %s into the running plan", qid)
+            finally:
+                self._parts.task_done()
+
+    def _admit(self, qid: str, parts: list[SubQuery]) -> None:
+        """Route and compile parts of a query still being planned; they start as soon as their inputs exist."""
+        q = self.queries[qid]
+        routes = self.p.router.route([sq.text for sq in parts])
+        nodes = []
+        for sq, route in zip(parts, routes):
+            rsq = self._routed(sq, route)
+            check_subquery(qid, rsq, set(q.parts), self._limits)
+            q.parts[sq.index] = (sq, route)
+            nodes.append(subquery_node(qid, rsq))
+        with self._lock:
+            for node in nodes:
+                self.original.add(node)
+            self.compiler.add(nodes)
+            self._compile()
+
+    def _complete(self, qid: str, decomposition: Decomposition) -> None:
+        """The rest of the query's parts and its final-answer node."""
+        q = self.queries[qid]
+        missing = [sq for sq in decomposition.subqueries if sq.index not in q.parts]
+        if missing:
+            self._admit(qid, missing)
+        q.decomposition = decomposition
+        routed = [self._routed(sq, route) for sq, route in (q.parts[sq.index] for sq in decomposition.subqueries)]
+        sink = aggregate_node(qid, decomposition.query, routed, AGGREGATOR, self.p.aggregator.max_new_tokens,
+                              self.p.final_answer(decomposition))
+        with self._lock:
+            self.original.add(sink)
+            self.original.add_query(Query(qid, decomposition.query, sink.id))
+            self.compiler.add([sink], [Query(qid, decomposition.query, sink.id)])
+            self._compile()
+
+    def _routed(self, sq: SubQuery, route: Route) -> RoutedSubQuery:
+        return RoutedSubQuery(sq.index, sq.text, sq.depends_on, route.expert, sq.answer_type, route.score,
+                              route.routed_by, self.p.experts[route.expert].max_new_tokens)
+
+    def _compile(self) -> None:
+        start = time.perf_counter()
+        steps = self.compiler.compile()
+        self.compile_seconds += time.perf_counter() - start
+        if steps:
+            self.live.submit(steps, self.compiler.graph, self.compiler.plan.aliases)
+
+    # --- answers ---------------------------------------------------------------------------------------
+    def _answered(self, nid: str, result: NodeResult) -> None:
+        qid = result.query_id
+        if qid in self.queries and nid == node_id(qid, "agg"):
+            self.queries[qid].done.set()
+            if self.on_done is not None:
+                self.on_done(qid)
+
+    def _query_result(self, qid: str) -> QueryResult:
+        q = self.queries[qid]
+        routes = [q.parts[sq.index][1] for sq in q.decomposition.subqueries]
+        results = self.live.finish(self.original)
+        return query_result(qid, q.text, node_id(qid, "agg"), q.decomposition, routes, self.original, results, 0.0)
