@@ -6,6 +6,7 @@ import inspect
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from compiler.cost import admit_rows
@@ -65,7 +66,7 @@ class HFModel:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.stats = ModelStats()
-        self._lock = threading.Lock()  # one generate at a time per model copy
+        self._lock = threading.Lock()  # guards the stats: calls from several threads share one engine
         self._choice_ids: dict[tuple[str, ...], list[int]] = {}  # per instance: never keeps an evicted model alive
         start = time.perf_counter()
         kwargs = {k: v for k, v in (("gguf_file", gguf_file), ("revision", revision)) if v}
@@ -97,100 +98,33 @@ class HFModel:
 
         With a cap below len(requests), the call runs as a continuously refilled batch: rows join (in request
         order, see `compiler.cost.admit_rows`) as others finish, so a long answer never decodes alone while
-        work is waiting. `cancel` is checked before every forward pass; `on_text(row, text so far)` is called as
-        each row's text grows (a streaming reader, e.g. the planner's incremental parser).
+        work is waiting. Calls made at the same time from several threads (the planner's and the plan's, or
+        several requests of a server) decode their rows in one batch (`_Engine`). `cancel` is checked before
+        every forward pass; `on_text(row, text so far)` is called as each row's text grows.
         """
-        import torch
-
         if not requests:
             return []
         slots = len(requests) if max_live_rows is None else max(1, min(max_live_rows, len(requests)))
-        prompts = [self.render(r) for r in requests]
-        with self._lock, torch.inference_mode():
-            start = time.perf_counter()
-            try:
-                rows, prompt_tokens = self._decode(prompts, requests, slots, cancel, on_text)
-            except torch.OutOfMemoryError as exc:
-                raise BackendOutOfMemory(f"model {self.name!r} ran out of device memory: {exc}") from exc
-            seconds = time.perf_counter() - start
+        call = _Call(list(requests), [self.render(r) for r in requests], slots, cancel, on_text)
+        start = time.perf_counter()
+        self._engine.run(call)
+        seconds = time.perf_counter() - start
         results = []
-        for request, (ids, finished), n_prompt in zip(requests, rows, prompt_tokens):
+        for request, ids, finished, n_prompt in zip(requests, call.tokens, call.finished, call.prompt_tokens):
             text, stopped = _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.stop)
-            results.append(
-                Generation(
-                    text=text.strip(),
-                    prompt_tokens=n_prompt,
-                    output_tokens=len(ids),
-                    seconds=seconds,
-                    finish_reason="stop" if (finished or stopped) else "length",
-                    batch_size=len(requests),
-                )
-            )
-            self.stats.prompt_tokens += n_prompt
-            self.stats.output_tokens += len(ids)
-        self.stats.calls += 1
-        self.stats.generate_seconds += seconds
+            results.append(Generation(text=text.strip(), prompt_tokens=n_prompt, output_tokens=len(ids),
+                                      seconds=seconds, finish_reason="stop" if (finished or stopped) else "length",
+                                      batch_size=len(requests)))
+        with self._lock:
+            self.stats.prompt_tokens += sum(call.prompt_tokens)
+            self.stats.output_tokens += sum(map(len, call.tokens))
+            self.stats.calls += 1
+            self.stats.generate_seconds += seconds
         return results
 
-    def _decode(self, prompts: Sequence[str], requests: Sequence[GenerationRequest], slots: int,
-                cancel: threading.Event | None = None,
-                on_text: OnText | None = None) -> tuple[list[tuple[list[int], bool]], list[int]]:
-        """Greedy decoding of left-padded rows; each row leaves the batch as soon as it is done.
-
-        `model.generate` keeps finished rows in the batch until the longest one ends, so one rambling answer
-        makes every row pay its decode steps; here a row leaves (its KV rows are dropped) at its own end of
-        sequence, stop string or `max_new_tokens`, the step cost shrinks with the live batch, and waiting
-        rows are prefilled and merged into the running batch (at most `slots` live) when `admit_rows` says so.
-        Returns (new token ids without the end-of-sequence token, finished by eos/stop) per request, and each
-        request's prompt token count.
-        """
-        import torch
-
-        eos = self._eos_ids
-        tokens: list[list[int]] = [[] for _ in requests]
-        finished = [False] * len(requests)
-        prompt_tokens = [0] * len(requests)
-        pending = list(range(len(requests)))  # admitted in request order
-        batch: _LiveBatch | None = None
-        while pending or batch is not None:
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled(f"model {self.name!r}: call cancelled after {sum(map(len, tokens))} tokens")
-            live = 0 if batch is None else len(batch.rows)
-            admit = admit_rows(slots - live, len(pending), live)
-            if admit:
-                group, pending = pending[:admit], pending[admit:]
-                joined = self._prefill([prompts[i] for i in group], group)
-                for i, n in zip(group, joined.mask.sum(-1).tolist()):
-                    prompt_tokens[i] = int(n)
-                batch = joined if batch is None else batch.merge(joined)
-            chosen = batch.logits.argmax(-1)
-            keep = []
-            for j, row in enumerate(batch.rows):
-                token = int(chosen[j])
-                if requests[row].choices and not tokens[row]:  # a `choice` answer: best option, then done
-                    allowed = self._choice_token_ids(requests[row].choices)
-                    tokens[row].append(allowed[int(batch.logits[j, allowed].argmax())])
-                    finished[row] = True
-                    continue
-                if token in eos:
-                    finished[row] = True
-                    continue
-                tokens[row].append(token)
-                if on_text is not None:
-                    on_text(row, self.tokenizer.decode(tokens[row], skip_special_tokens=True))
-                request = requests[row]
-                if request.stop and _cut_at_stop(self.tokenizer.decode(tokens[row][-32:]), request.stop)[1]:
-                    finished[row] = True
-                elif len(tokens[row]) < request.max_new_tokens:
-                    keep.append(j)
-            if not keep:
-                batch = None
-                continue
-            if len(keep) < len(batch.rows):
-                batch = batch.select(keep)
-                chosen = chosen[torch.tensor(keep, device=chosen.device)]
-            batch.step(self, chosen)  # every live row has fresh logits again, so newcomers can merge in
-        return [(ids, done) for ids, done in zip(tokens, finished)], prompt_tokens
+    @functools.cached_property
+    def _engine(self) -> "_Engine":
+        return _Engine(self)
 
     def _prefill(self, prompts: Sequence[str], rows: Sequence[int]) -> "_LiveBatch":
         """Prefill `prompts` as one left-padded batch: a `_LiveBatch` holding their KV and first-token logits."""
@@ -231,6 +165,145 @@ class HFModel:
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         return {i for i in ids if i is not None}
+
+
+@dataclass(eq=False)
+class _Call:
+    """One generate() call's rows as the engine decodes them."""
+
+    requests: list[GenerationRequest]
+    prompts: list[str]
+    slots: int  # at most this many of its rows live at once
+    cancel: threading.Event | None
+    on_text: OnText | None
+    pending: list[int] = field(default_factory=list)  # rows not admitted yet, in request order
+    live: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    left: int = 0  # rows not done
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        n = len(self.requests)
+        self.pending, self.tokens = list(range(n)), [[] for _ in range(n)]
+        self.finished, self.prompt_tokens, self.left = [False] * n, [0] * n, n
+
+
+class _Engine:
+    """Continuous batching across calls: the rows of every call in flight on this model decode as one batch.
+
+    One engine thread runs while any call is in flight (and ends when none is, so an evicted model is not kept
+    alive): each round it admits waiting rows per call (`admit_rows`, at most the call's slots live; each call's
+    group is prefilled on its own, so a prefill never needs more scratch memory than its call was planned with),
+    then runs one decode step for every live row. A row leaves at its end of sequence, stop string or
+    `max_new_tokens` (its KV dropped); a call returns when its last row has left. `model.generate` keeps
+    finished rows until the longest is done; here the step cost follows the live rows."""
+
+    def __init__(self, model: "HFModel"):
+        self.model = model
+        self.calls: list[_Call] = []
+        self.cond = threading.Condition()
+        self.running = False
+
+    def run(self, call: _Call) -> None:
+        with self.cond:
+            self.calls.append(call)
+            if not self.running:
+                self.running = True
+                threading.Thread(target=self._loop, name=f"compllm-engine-{self.model.name}", daemon=True).start()
+            self.cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+
+    def _loop(self) -> None:
+        import torch
+
+        batch: _LiveBatch | None = None
+        while True:
+            with self.cond:
+                calls = list(self.calls)
+                if not calls:
+                    self.running = False
+                    return
+            try:
+                with torch.inference_mode():
+                    batch = self._round(batch, calls)
+            except BaseException as exc:  # a failed forward fails every call in flight, not the engine
+                if isinstance(exc, torch.OutOfMemoryError):
+                    exc = BackendOutOfMemory(f"model {self.model.name!r} ran out of device memory: {exc}")
+                batch = None
+                for call in calls:
+                    self._end(call, exc)
+
+    def _end(self, call: _Call, error: BaseException | None = None) -> None:
+        call.error = error
+        with self.cond:
+            if call in self.calls:
+                self.calls.remove(call)
+        call.done.set()
+
+    def _round(self, batch: "_LiveBatch | None", calls: list[_Call]) -> "_LiveBatch | None":
+        import torch
+
+        model = self.model
+        for call in calls:  # cancelled calls leave at once, with their rows
+            if call.cancel is not None and call.cancel.is_set():
+                if batch is not None:
+                    keep = [j for j, (c, _) in enumerate(batch.rows) if c is not call]
+                    batch = batch.select(keep) if keep else None
+                self._end(call, GenerationCancelled(f"model {model.name!r}: call cancelled after "
+                                                    f"{sum(map(len, call.tokens))} tokens"))
+        calls = [c for c in calls if not c.done.is_set()]
+        for call in calls:
+            admit = admit_rows(call.slots - call.live, len(call.pending), call.live)
+            if admit:
+                group, call.pending = call.pending[:admit], call.pending[admit:]
+                joined = model._prefill([call.prompts[i] for i in group], [(call, i) for i in group])
+                for i, n in zip(group, joined.mask.sum(-1).tolist()):
+                    call.prompt_tokens[i] = int(n)
+                call.live += len(group)
+                batch = joined if batch is None else batch.merge(joined)
+        if batch is None:
+            return None
+        chosen = batch.logits.argmax(-1)
+        keep = []
+        for j, (call, row) in enumerate(batch.rows):
+            if self._advance(call, row, int(chosen[j]), batch.logits[j]):
+                keep.append(j)
+            else:
+                call.live -= 1
+                call.left -= 1
+                if not call.left:
+                    self._end(call)
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            batch = batch.select(keep)
+            chosen = chosen[torch.tensor(keep, device=chosen.device)]
+        batch.step(model, chosen)  # every live row has fresh logits again, so newcomers can merge in
+        return batch
+
+    def _advance(self, call: _Call, row: int, token: int, logits) -> bool:
+        """Apply one chosen token to a row; False when the row is done."""
+        model, request, tokens = self.model, call.requests[row], call.tokens[row]
+        if request.choices and not tokens:  # a `choice` answer: the best option letter, then done
+            allowed = model._choice_token_ids(request.choices)
+            tokens.append(allowed[int(logits[allowed].argmax())])
+            call.finished[row] = True
+            return False
+        if token in model._eos_ids:
+            call.finished[row] = True
+            return False
+        tokens.append(token)
+        if call.on_text is not None:
+            call.on_text(row, model.tokenizer.decode(tokens, skip_special_tokens=True))
+        if request.stop and _cut_at_stop(model.tokenizer.decode(tokens[-32:]), request.stop)[1]:
+            call.finished[row] = True
+            return False
+        return len(tokens) < request.max_new_tokens
 
 
 class _LiveBatch:
