@@ -24,6 +24,7 @@ class Generation:
     seconds: float  # wall time of the batched call this generation was part of
     finish_reason: str = "stop"  # stop | length
     batch_size: int = 1
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cached shared prefix instead of being computed for this row
 
 
 @dataclass
