@@ -15,21 +15,27 @@ all its prompts becomes the cached prefix (only what the cache does not already 
 sequence), each row gets its longest common prefix with the cache copied into its own sequence
 (`llama_memory_seq_cp`), and only the rest of its prompt is prefilled. The prefix stays cached while the model is
 loaded, so consecutive calls sharing a system prompt or the planner's instructions reuse it.
-`Generation.cached_tokens` says, per row, how many of its prompt tokens came from there.
+`Generation.cached_tokens` says, per row, how many of its prompt tokens it did not compute: the prefix tokens this
+call computed count for its first row, so the rows' counts add up to `stats.extra["prefill_tokens_reused"]`.
 
-Two KV layouts (`llamacpp.kv_unified`), because llama.cpp's CPU kernels are not batch-invariant:
+Batch invariance. llama.cpp's CPU kernels are not batch-invariant: which kernel computes a row, and so how its
+sums round (amplified by the 8-bit quantized activations into different greedy tokens), depends on what else is in
+the ubatch. Measured here (SmolLM2 Q4_1, Qwen2.5-0.5B Q4_K_M, AVX-512): a unified KV cache (attention sums over
+cells wherever other rows left room: 3-6 of 6 answers changed with the batch), flash attention (kernel chosen by
+query count and KV length), repacked weights (4-row gemm vs gemv), the tiled K-quant matmul (used from 8 rows on),
+and llamafile's sgemm vs ggml's vec_dot (2+ rows vs 1). So by default (`LlamaCppSettings`):
 
-* `false` (default): one KV stream per sequence. A row's cells sit at the same offsets as when it runs alone, and
-  each row's prompt is prefilled in its own `llama_decode`, in pieces of at least 2 tokens (ggml's attention
-  matmul takes a different kernel, llamafile's sgemm or ggml's vec_dot, for 1 query than for 2+, and the two round
-  differently). Then a row's tokens do not depend on the batch it ran in, on `max_live_rows`, on the threads or on
-  prefix reuse: the project's rule that batching changes speed, never answers (tests/test_llamacpp.py checks it).
-  Costs: each sequence owns `n_ctx` cells, a reused prefix is copied (whole streams only), and a decode step whose
-  live rows do not have consecutive sequence ids runs as several ubatches (llama.cpp's split_equal).
-* `true`: one shared cache, as llama-server uses it: a copied prefix only tags cells (no copy, no extra memory)
-  and newcomers' prompts share the decode step's `llama_decode`; but a row's attention then sums over cells
-  placed wherever other rows left room, and the rounding (amplified by the Q8 activations) changes greedy tokens
-  with the batch: measured on SmolLM2, 3 of 6 answers differed from batch 1.
+* one KV stream per sequence (`kv_unified: false`): a row's cells sit at the offsets they have when it runs alone;
+* no flash attention, no repacking, no tiled matmul;
+* each row's prompt is prefilled in its own `llama_decode`, in pieces of at least 2 tokens, and decode steps carry
+  1 token per row: every token is computed by the same kernels whatever the batch, `max_live_rows`, threads or
+  prefix reuse. Batching changes speed, never answers, as the project requires (tests/test_llamacpp.py checks
+  SmolLM2 and Qwen2.5's 8-row batches against batch 1).
+
+Costs of the default: each sequence owns `n_ctx` cells, a reused prefix is copied (whole streams only), a decode
+step whose live rows do not have consecutive sequence ids runs as several ubatches (llama.cpp's split_equal), and
+K-quant prefill is ~30% slower without the tiled matmul. `kv_unified: true` is llama-server's layout: a copied
+prefix only tags cells (no copy, no extra memory) and newcomers' prompts share the decode step's `llama_decode`.
 
 Prompts: the GGUF's own chat template (the one the `hf` backend's converted tokenizer carries) rendered with jinja2
 as transformers' `apply_chat_template(..., add_generation_prompt=True)` does (llama-cpp-python's
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 import weakref
@@ -69,8 +76,15 @@ class LlamaCppSettings:
     n_seq_max: int = 9  # sequences: 1 for the cached prefix + at most n_seq_max-1 rows decoding at once
     n_batch: int = 512  # most tokens per llama_decode; longer prompts are split (cancel is checked in between)
     prefix_cache: bool = True  # keep and reuse the KV of the prompts' shared prefix
-    kv_unified: bool = False  # one shared KV cache: less memory, but answers depend on the batch (docstring)
-    flash_attn: bool = False  # ggml's CPU flash attention picks kernels by query count: not batch-invariant
+    # Faster kernels that make a row's tokens depend on the batch it runs in (see the module docstring); all off by
+    # default, so that batching changes speed, never answers:
+    kv_unified: bool = False  # one shared KV cache (less memory, no prefix copies)
+    flash_attn: bool = False  # ggml's CPU flash attention (kernel chosen by query count and KV length)
+    repack: bool = False  # weights repacked for ggml's gemm/gemv kernels (llama_model_params.use_extra_bufts)
+    # ggml's tiled K-quant matmul for 8+ rows (GGML_CPU_TILED_MM): prompt prefill ~30% faster on Q4_K_M, but 8-row
+    # decode steps round differently from smaller ones. An environment variable ggml reads once per process: the
+    # first llama.cpp model to run decides it for every later one (a differing setting is logged and ignored).
+    tiled_matmul: bool = False
 
 
 def _check(settings: LlamaCppSettings, name: str) -> None:
@@ -109,6 +123,20 @@ def _llama():
     return llama_cpp
 
 
+_TILED_ENV = "GGML_CPU_TILED_MM"
+
+
+def _set_tiled_matmul(enabled: bool, name: str) -> None:
+    """Set GGML_CPU_TILED_MM before ggml first reads it (at the first matmul), unless the process already set it."""
+    want = "1" if enabled else "0"
+    have = os.environ.get(_TILED_ENV)
+    if have is None:
+        os.environ[_TILED_ENV] = want
+    elif have != want:
+        log.warning("model %r: llamacpp.tiled_matmul=%s ignored: %s=%s is already set for this process", name,
+                    enabled, _TILED_ENV, have)
+
+
 def _free(llama_cpp, handles: dict) -> None:
     """Free the batch, context and model (a weakref.finalize callback: it must not reference the model object)."""
     if handles.get("batch") is not None:
@@ -120,13 +148,15 @@ def _free(llama_cpp, handles: dict) -> None:
 
 
 class _Row:
-    __slots__ = ("index", "request", "ids", "seq", "pos", "reused", "tokens", "finished", "next", "pick", "cells")
+    __slots__ = ("index", "request", "ids", "seq", "pos", "reused", "cached", "tokens", "finished", "next", "pick",
+                 "cells")
 
     def __init__(self, index: int, request: GenerationRequest, ids: list[int]):
         self.index, self.request, self.ids = index, request, ids
         self.seq = -1
         self.pos = 0  # next position to feed
         self.reused = 0  # prompt tokens copied from the cached prefix
+        self.cached = 0  # of those, the ones this call did not compute (what Generation.cached_tokens reports)
         self.tokens: list[int] = []
         self.finished = False  # by end of sequence or stop string (else: length)
         self.next: int | None = None  # greedy pick from the last logits
@@ -157,6 +187,8 @@ class LlamaCppModel:
         self._finalizer = weakref.finalize(self, _free, llama_cpp, self._handles)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = settings.repack
+        _set_tiled_matmul(settings.tiled_matmul, name)
         model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
         if not model:
             raise BackendError(f"model {name!r}: llama.cpp cannot load {self.path!r} (not a GGUF it supports?)")
@@ -351,7 +383,7 @@ class LlamaCppModel:
             text, stopped = _cut_at_stop(self.detokenize(row.tokens), row.request.stop)
             results.append(Generation(text=text.strip(), prompt_tokens=len(row.ids), output_tokens=len(row.tokens),
                                       seconds=seconds, finish_reason="stop" if (row.finished or stopped) else "length",
-                                      batch_size=len(requests), cached_tokens=row.reused))
+                                      batch_size=len(requests), cached_tokens=row.cached))
             self.stats.prompt_tokens += len(row.ids)
             self.stats.output_tokens += len(row.tokens)
         self.stats.extra["prefill_tokens_computed"] += computed
@@ -364,6 +396,8 @@ class LlamaCppModel:
         """Run every row to its end; returns how many prompt tokens were computed (the rest were reused)."""
         unified = self.settings.kv_unified
         computed = self._prepare_prefix([r.ids for r in rows], cancel) if self.settings.prefix_cache else 0
+        charge = computed  # prefix tokens computed for this call: counted as computed by the first row (every row
+        # reuses at least the whole new prefix), so the rows' cached_tokens add up to the call's reused tokens
         pending = list(rows)  # admitted in request order
         live: list[_Row] = []
         free_cells = self._n_ctx - len(self._cached)  # unified: rows share the cells
@@ -406,6 +440,7 @@ class LlamaCppModel:
                 row.seq = next(free_seqs)
                 self._copy_prefix(row)
                 row.pos = row.reused
+                row.cached, charge = row.reused - charge, 0
                 computed += len(row.ids) - row.reused
             # in seq id order: llama.cpp puts only consecutive sequence ids (per-sequence KV) into one ubatch
             steps = [(row, [row.tokens[-1]]) for row in sorted(live, key=lambda r: r.seq)]
