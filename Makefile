@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-strategyqa setup-large run test test-fast experiment report clean-venv
+.PHONY: setup setup-strategyqa setup-large setup-llamacpp run test test-fast experiment report clean-venv
 
 $(VENV)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +44,29 @@ $(VENV)/.stamp-large: $(VENV)/.stamp-venv requirements/large.txt
 	$(PIP) install --no-deps -r requirements/large.txt
 	@touch $@
 
+# llama.cpp in process (backend: llamacpp, conf/model/*-llamacpp.yaml). PyPI has only the sdist, so the first build
+# compiles llama.cpp (~1,000 CPU-s: ~10 min on an idle 2-core box, 15+ min on a loaded one); the wheel lands in
+# $(VENV)/wheels and pip's cache, so a new venv reinstalls it in seconds. The default build is tuned to this CPU
+# (GGML_NATIVE): do not copy that wheel to another machine (AVX-512 here, AVX2-only CI -> illegal instruction).
+# Portable: LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" (pip's cache is
+# bypassed then: its key ignores CMAKE_ARGS). A wheel built elsewhere: LLAMA_WHEEL=/path/to/llama_cpp_python-*.whl
+LLAMA_CMAKE_ARGS ?=
+LLAMA_WHEEL      ?=
+$(VENV)/.stamp-llamacpp: $(VENV)/.stamp-venv requirements/llamacpp.txt
+ifneq ($(LLAMA_WHEEL),)
+	$(PIP) install --no-deps $(LLAMA_WHEEL)
+else
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps $(if $(LLAMA_CMAKE_ARGS),--no-cache-dir) \
+		-w $(VENV)/wheels $$(grep -m1 '^llama-cpp-python' requirements/llamacpp.txt)
+endif
+	$(PIP) install --find-links $(VENV)/wheels -r requirements/llamacpp.txt
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
+	@touch $@
+
 setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
 setup-strategyqa: setup $(VENV)/.stamp-strategyqa
 setup-large: setup $(VENV)/.stamp-large
+setup-llamacpp: setup $(VENV)/.stamp-llamacpp
 
 # Reproduce a result into the committed experiments/results/runs/: `make experiment EXP=paper_accuracy` (rerun to
 # resume); tables and plots: `make report`. A plain `compllm -m experiment=...` writes to multirun/experiments/.

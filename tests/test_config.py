@@ -27,7 +27,7 @@ def test_expert_on_unknown_model_is_named(compose):
 
 @pytest.mark.parametrize("override, valid", [
     ("models.default.dtype=float8", "auto, bfloat16, float16, float32"),
-    ("models.default.backend=vllm", "hf, openai"),
+    ("models.default.backend=vllm", "hf, openai, llamacpp"),
     ("compiler.residency=fifo", "belady, lru"),
     ("aggregator.mode=vote", "join, model"),
     ("retry.retry_on=[error,meltdown]", "error, timeout, oom, empty"),

@@ -27,6 +27,7 @@ class Generation:
     seconds: float  # wall time of the batched call this generation was part of
     finish_reason: str = "stop"  # stop | length
     batch_size: int = 1
+    cached_tokens: int = 0  # prompt tokens not computed for this call: their KV came from a cached shared prefix
 
 
 @dataclass

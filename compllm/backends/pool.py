@@ -39,6 +39,9 @@ class ModelPool:
         if spec.get("backend") == "openai":
             server = dict(spec.get("server") or {})
             return ("openai", server.get("base_url"), server.get("model"))
+        if spec.get("backend") == "llamacpp":  # its own copy of the GGUF, per llama.cpp settings
+            return ("llamacpp", repr(sorted(dict(spec["source"]).items())),
+                    repr(sorted(dict(spec.get("llamacpp") or {}).items())))
         return (repr(sorted(dict(spec["source"]).items())), spec.get("dtype", "auto"), spec.get("device", "auto"))
 
     def get(self, alias: str) -> Backend:
@@ -108,8 +111,16 @@ class ModelPool:
             from compllm.backends.openai_server import OpenAIServerModel, ServerConfig
 
             return OpenAIServerModel(spec.get("name", alias), ServerConfig(**spec["server"]), alias)
+        if backend == "llamacpp":
+            from hydra.utils import instantiate
+
+            from compllm.backends.llamacpp import LlamaCppModel, LlamaCppSettings
+            from compllm.models.sources import gguf_file
+
+            path = gguf_file(instantiate(spec["source"]), cache_dir=self.cache_dir)
+            return LlamaCppModel(spec.get("name", alias), str(path), LlamaCppSettings(**(spec.get("llamacpp") or {})))
         if backend != "hf":
-            raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf, openai)")
+            raise BackendError(f"model {alias!r}: backend {backend!r} is not available (known: hf, openai, llamacpp)")
         from hydra.utils import instantiate
 
         from compllm.backends.hf import HFModel

@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from compiler.config import CompilerConfig
 from compllm.backends.faulty import FaultSettings
+from compllm.backends.llamacpp import LlamaCppSettings
 from compllm.backends.openai_server import ServerConfig
 from compllm.experts import Expert
 from compllm.runtime.faults import RetryPolicy
@@ -28,6 +29,7 @@ from compllm.runtime.prompts import Aggregator
 class Backend(str, Enum):
     hf = "hf"  # transformers, in process
     openai = "openai"  # any OpenAI-compatible server (vLLM, SGLang, llama.cpp's llama-server, Ollama)
+    llamacpp = "llamacpp"  # llama.cpp in process (llama-cpp-python), running the source's GGUF as is
 
 
 class Dtype(str, Enum):
@@ -46,7 +48,8 @@ class DecodeMatmul(str, Enum):
 class ModelConfig:
     name: str = MISSING  # display name, e.g. the HF model name
     backend: Backend = Backend.hf
-    # backend=hf: a `_target_` source of weights (compllm.models.HFSource / GGUFSource / EmbeddedSource)
+    # backend=hf: a `_target_` source of weights (compllm.models.HFSource / GGUFSource / EmbeddedSource);
+    # backend=llamacpp: a GGUFSource or EmbeddedSource (its GGUF file is loaded as is, no conversion)
     source: Any = None
     # backend=openai: where the model is served and what the server supports
     server: Optional[ServerConfig] = None
@@ -54,6 +57,8 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked with the rest of the config: N is free)
     decode_matmul: DecodeMatmul = DecodeMatmul.auto
     fault_injection: FaultSettings = field(default_factory=FaultSettings)
+    # backend=llamacpp: threads, context size, sequences, prefix cache, KV layout (dtype/device/decode_matmul unused)
+    llamacpp: LlamaCppSettings = field(default_factory=LlamaCppSettings)
 
 
 @dataclass

@@ -161,13 +161,18 @@ class GGUFSource:
 
     def materialize(self, cache_dir: str | None = None, dtype: str = "bfloat16") -> ResolvedModel:
         _check_dtype(dtype)
-        gguf = Path(self.path).expanduser().resolve()
-        if not gguf.is_file():
-            raise ModelNotFoundError(str(gguf), "GGUFSource needs an existing .gguf file.")
+        gguf = self.gguf_path(cache_dir)
         root = cache_root(cache_dir)
         sha = cached_sha256(gguf, root)
         final = ensure_converted(lambda: gguf, sha, dtype, root)
         return ResolvedModel(str(final), None, f"{gguf.name} (sha256 {sha[:12]}) as {dtype} in {final}")
+
+    def gguf_path(self, cache_dir: str | None = None) -> Path:
+        """The GGUF file itself, unconverted (what the llamacpp backend loads)."""
+        gguf = Path(self.path).expanduser().resolve()
+        if not gguf.is_file():
+            raise ModelNotFoundError(str(gguf), "GGUFSource needs an existing .gguf file.")
+        return gguf
 
 
 @dataclass
@@ -296,6 +301,16 @@ class EmbeddedSource:
             self._write_sidecar(final)
             log.info("assembled and verified %s (%.0f MB) in %.1fs", final, size / 1e6, time.perf_counter() - start)
         return final
+
+
+def gguf_file(source: Any, cache_dir: str | None = None) -> Path:
+    """The GGUF file a source names, as is (no conversion): an EmbeddedSource's verified single part or assembled
+    file, a GGUFSource's file. Sources of HF directories have none: ModelSourceError says so."""
+    locate = getattr(source, "gguf_path", None)
+    if locate is None:
+        raise ModelSourceError(f"{type(source).__name__} names no GGUF file; the llamacpp backend needs "
+                               "compllm.models.GGUFSource or compllm.models.EmbeddedSource")
+    return locate(cache_dir)
 
 
 def _normalize_part(part: Mapping[str, Any]) -> dict[str, str]:
