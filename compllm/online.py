@@ -54,6 +54,7 @@ class OnlinePipe:
         self.records: list[StepRecord] = []  # the planner calls
         self.marks: list[Mark] = []  # when each part was parsed
         self.compile_seconds = 0.0
+        self.route_seconds = 0.0
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._limits = BuildLimits(pipeline.decomposer.max_subqueries,
@@ -134,7 +135,9 @@ class OnlinePipe:
     def _admit(self, qid: str, parts: list[SubQuery]) -> None:
         """Route and compile parts of a query still being planned; they start as soon as their inputs exist."""
         q = self.queries[qid]
+        start = time.perf_counter()
         routes = self.p.router.route([sq.text for sq in parts])
+        self.route_seconds += time.perf_counter() - start
         nodes = []
         for sq, route in zip(parts, routes):
             rsq = self._routed(sq, route)

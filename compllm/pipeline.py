@@ -193,6 +193,7 @@ class Pipeline:
                 bar.close()
         self.timings["decompose"] = sum(r.end - r.start for r in pipe.records)
         self.timings["compile"] = pipe.compile_seconds
+        self.timings["route"] = pipe.route_seconds
         decompositions = {qid: pipe.queries[qid].decomposition for qid in ids}
         routes = {qid: [pipe.queries[qid].parts[sq.index][1] for sq in d.subqueries] for qid, d in decompositions.items()}
         plan = pipe.compiler.plan

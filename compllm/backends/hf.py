@@ -126,6 +126,12 @@ class HFModel:
     def _engine(self) -> "_Engine":
         return _Engine(self)
 
+    def close(self) -> None:
+        """Let go of everything that keeps this model alive (the pool calls it on eviction)."""
+        engine = self.__dict__.pop("_engine", None)
+        if engine is not None:
+            engine.join()
+
     def _prefill(self, prompts: Sequence[str], rows: Sequence[int]) -> "_LiveBatch":
         """Prefill `prompts` as one left-padded batch: a `_LiveBatch` holding their KV and first-token logits."""
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -206,13 +212,16 @@ class _Engine:
         self.calls: list[_Call] = []
         self.cond = threading.Condition()
         self.running = False
+        self.thread: threading.Thread | None = None
 
     def run(self, call: _Call) -> None:
         with self.cond:
             self.calls.append(call)
             if not self.running:
                 self.running = True
-                threading.Thread(target=self._loop, name=f"compllm-engine-{self.model.name}", daemon=True).start()
+                self.thread = threading.Thread(target=self._loop, name=f"compllm-engine-{self.model.name}",
+                                               daemon=True)
+                self.thread.start()
             self.cond.notify_all()
         call.done.wait()
         if call.error is not None:
@@ -237,6 +246,12 @@ class _Engine:
                 batch = None
                 for call in calls:
                     self._end(call, exc)
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for an idle engine's thread to end (its frame holds the model, so eviction waits for it)."""
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _end(self, call: _Call, error: BaseException | None = None) -> None:
         call.error = error

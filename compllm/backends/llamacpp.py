@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from compiler.cost import admit_rows
-from compllm.backends.base import BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats
+from compllm.backends.base import (BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats,
+                                   OnText)
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +355,10 @@ class LlamaCppModel:
     # ------------------------------------------------------------------ generate
 
     def generate(self, requests: Sequence[GenerationRequest], max_live_rows: int | None = None,
-                 cancel: threading.Event | None = None) -> list[Generation]:
+                 cancel: threading.Event | None = None, on_text: OnText | None = None) -> list[Generation]:
         """Greedy answers for `requests`, decoded together; at most `max_live_rows` rows live at once (None: all,
-        capped by n_seq_max-1). `cancel` is checked before every `llama_decode`."""
+        capped by n_seq_max-1). `cancel` is checked before every `llama_decode`; `on_text(row, text so far)` as
+        each row's text grows."""
         if not requests:
             return []
         slots = len(requests) if max_live_rows is None else max(1, min(max_live_rows, len(requests)))
@@ -373,7 +375,7 @@ class LlamaCppModel:
             start = time.perf_counter()
             ok = False
             try:
-                computed = self._decode(rows, slots, cancel)
+                computed = self._decode(rows, slots, cancel, on_text)
                 ok = True
             finally:
                 self._clear_rows(keep_prefix=ok)
@@ -392,7 +394,8 @@ class LlamaCppModel:
         self.stats.generate_seconds += seconds
         return results
 
-    def _decode(self, rows: list[_Row], slots: int, cancel: threading.Event | None) -> int:
+    def _decode(self, rows: list[_Row], slots: int, cancel: threading.Event | None,
+                on_text: OnText | None = None) -> int:
         """Run every row to its end; returns how many prompt tokens were computed (the rest were reused)."""
         unified = self.settings.kv_unified
         computed = self._prepare_prefix([r.ids for r in rows], cancel) if self.settings.prefix_cache else 0
@@ -412,6 +415,8 @@ class LlamaCppModel:
                     row.finished = True
                 else:
                     row.tokens.append(row.next)
+                    if on_text is not None:
+                        on_text(row.index, self.detokenize(row.tokens))
                     if request.stop and _cut_at_stop(self.detokenize(row.tokens[-32:]), request.stop)[1]:
                         row.finished = True
                     elif len(row.tokens) < request.max_new_tokens:

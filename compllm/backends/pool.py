@@ -88,6 +88,9 @@ class ModelPool:
                     wrapper.inner = None
         if model is None:
             return
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
         gone = weakref.ref(model)
         del model
         gc.collect()
