@@ -142,7 +142,8 @@ def replay_one(pipeline, aggregator, question: CompoundQuestion, join_run: dict[
     results = {}
     for s in join_run["sub_answers"]:
         nid = node_id("q0", s["index"])
-        results[nid] = NodeResult(nid, "q0", "subquery", "", "", answer=s["answer"], status="ok" if s["ok"] else "failed",
+        results[nid] = NodeResult(nid, "q0", "subquery", "", "", answer=s["answer"],
+                                  status="ok" if s["ok"] else "failed",
                                   error="" if s["ok"] else "failed in the join run")
     request = pipeline.context().request(graph, sink, results)
     pipeline.pool.get(aggregator.model)
@@ -172,8 +173,9 @@ def score(question: CompoundQuestion, mode: str, run: dict[str, Any]) -> dict[st
     scored = score_query(question.id, mode, run["final_answer"], question.query, subs, question,
                          run["decomposition"]["omitted"])
     out = scored.to_dict()
-    out["unsupported_at"] = {f"{t:.2f}": unsupported_sentences(run["final_answer"], question.query, subs, t)["unsupported"]
-                             for t in THRESHOLDS}
+    out["unsupported_at"] = {
+        f"{t:.2f}": unsupported_sentences(run["final_answer"], question.query, subs, t)["unsupported"]
+        for t in THRESHOLDS}
     return out
 
 
@@ -213,6 +215,8 @@ def summarize(record: dict[str, Any], questions: list[CompoundQuestion]) -> dict
                     for _, _, j in done]
         total["model_calls"] = sum(r["model_calls"] + b[0] for (_, r, _), b in zip(done, borrowed))
         total["median_s"] = statistics.median(r["seconds"] + b[1] for (_, r, _), b in zip(done, borrowed))
+        loads = [r["load_avg"] for _, r, _ in done if "load_avg" in r]
+        total["median_load_avg"] = statistics.median(loads) if loads else None
         total["unsupported_at"] = {t: sum(r["score"]["unsupported_at"][t] for _, r, _ in done)
                                    for t in done[0][1]["score"]["unsupported_at"]}
         by_kind = {k: aggregate(r["score"]["counts"] for q, r, _ in done if q.kind == k) for k in KINDS}
@@ -261,7 +265,8 @@ def table(record: dict[str, Any], questions: list[CompoundQuestion], summary: di
               "sentence not in its sub-question, in one sentence of the final answer). Parts counted: the leaves "
               "(parts nothing else reads). *Unsupported*: under half of a sentence's content words (question words "
               "removed) occur in the sub-answers. *Saying nothing*: no content word beyond stopwords, framing words "
-              "(answer, question, part) and the question's own words: filler, or the question repeated. *Part accuracy*: a gold answer in the final answer / in some "
+              "(answer, question, part) and the question's own words: filler, or the question repeated. "
+              "*Part accuracy*: a gold answer in the final answer / in some "
               "expert answer, over every gold part (chain steps included)."]
     extra = []
     for mode in MODES:
@@ -277,8 +282,14 @@ def table(record: dict[str, Any], questions: list[CompoundQuestion], summary: di
             extra.append(f"  * {kind} ({k['queries']}): reached {pct(k['share_reached'])}, unsupported "
                          f"{pct(k['share_unsupported'])}, final accuracy {pct(k['final_accuracy'])} "
                          f"(expert {pct(k['expert_accuracy'])})")
+    loads = {m: summary[m]["median_load_avg"] for m in MODES if m in summary}
+    extra.append(f"* seconds are wall time on this machine ({record['machine']['cpus']} CPUs), shared: median 1-min "
+                 "load average when a question started: " + ", ".join(
+                     f"{m} {'not recorded' if v is None else f'{v:.1f}'}" for m, v in loads.items())
+                 + "; `model` adds the planner seconds of its `join` run")
     if summary.get("compared"):
-        extra.append(f"* same expert answers in both modes: {summary['same_sub_answers']}/{summary['compared']} questions")
+        extra.append(f"* same expert answers in both modes: {summary['same_sub_answers']}/{summary['compared']} "
+                     "questions")
     return "\n".join(lines + [""] + extra) + "\n"
 
 
@@ -294,8 +305,8 @@ def main() -> None:
                     help="mode=model by the aggregator call alone over the join run's expert answers (prompt "
                          "iteration: one call per question; its seconds count only that call)")
     args = ap.parse_args()
-    command = "PYTHONPATH=$PWD .venv/bin/python experiments/bench_answers.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["PYTHONPATH=$PWD .venv/bin/python experiments/bench_answers.py",
+                        *(shlex.quote(a) for a in sys.argv[1:])])
 
     questions = pick(load_questions(args.data), args.limit)
     out = Path(args.out)
@@ -329,10 +340,12 @@ def main() -> None:
             if mode == "model" and "join" not in item:
                 continue  # model reuses join's decomposition
             given = decomposition_from_dict(item["join"]["decomposition"]) if mode == "model" else None
+            load = os.getloadavg()[0]  # seconds are wall time on a machine others may share
             if mode == "model" and args.replay:
                 run = replay_one(pipeline, aggregators[mode], q, item["join"])
             else:
                 run = run_one(pipeline, aggregators[mode], q, given)
+            run["load_avg"] = load
             if mode == "model":
                 run["aggregator"] = fingerprint
             run["score"] = score(q, mode, run)

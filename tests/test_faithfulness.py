@@ -29,7 +29,8 @@ def test_split_sentences_drops_markers_and_keeps_initials():
     assert split_sentences("1. Paris. 2. 24 hours.") == ["Paris.", "24 hours."]
     assert split_sentences("1. 36.\n2. 27") == ["36.", "27"]  # a number answer is not a list marker
     assert split_sentences("Vitamin C. It is 36.") == ["Vitamin C.", "It is 36."]
-    assert split_sentences("Washington, D.C. is the capital of the U.S.") == ["Washington, D.C. is the capital of the U.S."]
+    dc = "Washington, D.C. is the capital of the U.S."
+    assert split_sentences(dc) == [dc]
     assert split_sentences("法国的首都是巴黎。一年有十二个月。") == ["法国的首都是巴黎。", "一年有十二个月。"]
     assert split_sentences("  \n- \n") == []
     assert split_sentences("Fact 1: Paris.\nAnswer: 36.\nPart-time work pays.") == ["Paris.", "36.",
@@ -96,6 +97,14 @@ def test_unsupported_sentences_flags_filler_and_changed_facts_not_restatements()
     assert rows["15% of 240 equals 36."]["words"] == ["equal", "36"]  # 15 and 240 are the question's own words
     assert rows["15% of 240 equals 36."]["coverage"] == SUPPORT_THRESHOLD == 0.5  # a paraphrase: supported
     assert unsupported_sentences(final, QUERY, SUBS, threshold=2 / 3)["unsupported"] == 3
+
+
+def test_the_querys_own_list_numbers_are_not_question_words():
+    query = "1. How many days are in a week? 2. What is the capital of Egypt?"
+    subs = [SubAnswer(1, "How many days are in a week?", "A week has 7 days."),
+            SubAnswer(2, "What is the capital of Egypt?", "Cairo.")]
+    rep = unsupported_sentences("1. A week has 7 days.\n2. Cairo.", query, subs)
+    assert [r["words"] for r in rep["rows"]] == [["7"], ["cairo"]] and rep["empty"] == 0
 
 
 def test_invented_facts_around_a_restated_answer_are_unsupported():
@@ -206,7 +215,8 @@ def test_model_aggregator_prompt_restates_answers_and_gives_chain_steps_as_backg
              ("3", "What is 15% of 240?", "15% of 240 is 36.")]
     mixed = agg.request(CHAIN_QUERY, parts, chained=True).messages[-1]["content"]
     assert f"Facts found on the way:\n- {CHAIN[0].question} {step}\n" in mixed  # the chain's step: background
-    assert "Facts from experts (2 parts):\n- «William Shakespeare was born in England.»\n- «15% of 240 is 36.»" in mixed
+    assert ("Facts from experts (2 parts):\n- «William Shakespeare was born in England.»\n- «15% of 240 is 36.»"
+            in mixed)
     chain = agg.request(CHAIN_QUERY, parts[:2], chained=True).messages[-1]["content"]
     assert "Answer from the last step:\n- «William Shakespeare was born in England.»" in chain
     assert chain.endswith("Nothing else.") and "Write one sentence that gives the answer from the last step" in chain

@@ -82,8 +82,8 @@ NUMBER_WORDS = {w: str(i) for i, w in enumerate(
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _DIGIT_LETTER = re.compile(r"(?<=\d)(?=[^\W\d_])|(?<=[^\W\d_])(?=\d)")
 _NOTE = re.compile(r"^\(?\s*(?:not answered|no answer)\b", re.I)
-_MARKER = re.compile(r"^\s*(?:(?:part|question|answer|fact|step|q)\s*(?:\d+\s*[:.)\-]|[:)])|\(?\d{1,2}[.)]|[-*\u2022]|#+)\s*",
-                     re.I)  # "Part 2:", "Fact 1:", "Answer:", "2." / "(2)", "- ", "#"
+_MARKER = re.compile(  # "Part 2:", "Fact 1:", "Answer:", "2." / "(2)", "- ", "#"
+    r"^\s*(?:(?:part|question|answer|fact|step|q)\s*(?:\d+\s*[:.)\-]|[:)])|\(?\d{1,2}[.)]|[-*\u2022]|#+)\s*", re.I)
 _ABBREVIATIONS = frozenset("mr mrs ms dr st vs etc eg ie no approx jr sr prof".split())
 
 
@@ -299,7 +299,7 @@ def unsupported_sentences(final: str, query: str, subs: Sequence[SubAnswer],
                           threshold: float = SUPPORT_THRESHOLD) -> dict[str, Any]:
     """Per sentence of the final answer: its support by the sub-answers; counts of sentences, unsupported,
     empty (nothing but the question's words) and notes (the pipeline's "(Not answered: …)")."""
-    drop = question_words(query, *(s.question for s in subs))
+    drop = question_words(*split_sentences(query), *(s.question for s in subs))  # the query's "1." is no word
     answer_words = {w for s in subs if s.ok for w in content_words(s.answer)}
     rows, notes = [], 0
     for sentence in split_sentences(final):

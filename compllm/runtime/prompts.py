@@ -93,8 +93,9 @@ class Aggregator:
         number now and then: "28" for 7 x 8 became "7 times 8 is 56").
         """
         if steps is None:
-            steps = {label for i, (label, _, answer) in enumerate(parts) if chained and answer.strip() and any(
-                quote(answer, self.max_answer_chars)[:41].rstrip(CLOSE) in question for _, question, _ in parts[i + 1:])}
+            heads = [quote(answer, self.max_answer_chars)[:41].rstrip(CLOSE) for _, _, answer in parts]
+            steps = {label for i, (label, _, answer) in enumerate(parts) if chained and answer.strip()
+                     and any(heads[i] in question for _, question, _ in parts[i + 1:])}
         final = [quote(answer, self.max_answer_chars) for label, _, answer in parts if label not in steps]
         background = "".join(f"- {question} {quote(answer, self.max_answer_chars)}\n"
                              for label, question, answer in parts if label in steps)
