@@ -340,12 +340,12 @@ def main() -> None:
             if mode == "model" and "join" not in item:
                 continue  # model reuses join's decomposition
             given = decomposition_from_dict(item["join"]["decomposition"]) if mode == "model" else None
-            load = os.getloadavg()[0]  # seconds are wall time on a machine others may share
+            load_avg = os.getloadavg()[0]  # seconds are wall time on a machine others may share
             if mode == "model" and args.replay:
                 run = replay_one(pipeline, aggregators[mode], q, item["join"])
             else:
                 run = run_one(pipeline, aggregators[mode], q, given)
-            run["load_avg"] = load
+            run["load_avg"] = load_avg
             if mode == "model":
                 run["aggregator"] = fingerprint
             run["score"] = score(q, mode, run)
