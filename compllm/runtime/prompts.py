@@ -9,7 +9,7 @@ of the prompt's own headers ("Question:", "Facts from ...").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Sequence
+from typing import Collection, List, Mapping, Sequence
 
 from omegaconf import MISSING
 
@@ -80,19 +80,43 @@ class Aggregator:
     def __post_init__(self) -> None:
         self.mode = FinalAnswer(self.mode)
 
-    def request(self, query: str, parts: Sequence[tuple[str, str, str]], chained: bool = False) -> GenerationRequest:
-        """`parts` = (label, sub-question, answer or a note that it is missing). `chained`: some part used an
-        earlier part's answer, so the parts are steps towards one answer, not separate questions."""
-        # Measured on Qwen2.5-Coder-0.5B: question, numbered facts, then "write N sentences, one per part"
-        # covers every part; free-form "answer using these facts" rambled on the first part and dropped the rest.
-        facts = "\n".join(f"- {question} {quote(answer, self.max_answer_chars)}" for _, question, answer in parts)
-        query = one_line(query)
-        task = ("These facts are steps towards one answer. Answer the question in one or two sentences, starting "
-                "with the direct answer (yes or no, a name, a number)." if chained
-                else f"Write {len(parts)} sentences, one per part, in the order the parts are asked, and nothing else.")
-        user = f"Question: {query}\n\nFacts from experts ({len(parts)} parts):\n{facts}\n\n{task}"
+    def request(self, query: str, parts: Sequence[tuple[str, str, str]], chained: bool = False,
+                steps: Collection[str] | None = None) -> GenerationRequest:
+        """`parts` = (label, sub-question with its parents' answers filled in, answer or a note that it is
+        missing). `chained`: some part used an earlier part's answer. `steps`: the labels of the parts another
+        part read (a chain's earlier steps); None = found from `parts`: a part whose answer a later part's
+        question quotes (as `fill` quoted it).
+
+        The final answer restates the answers the user asked for, one numbered line each, and nothing else; a
+        chain is answered by its last step's answer in one sentence, its earlier steps given as background only.
+        Measured on Qwen2.5-Coder-0.5B (experiments/bench_answers.py): shown each sub-question beside its answer,
+        it repeated them ("Part 1: <sub-question> <answer>"); told to restate each "fact" in a sentence, it
+        labelled its lines ("Fact 1:", "Sentence 1:") and dropped clauses; asked for a numbered list of the answers
+        with all their words, no titles and no labels, it mostly copies them (it still "corrects" a bare wrong
+        number now and then: "28" for 7 x 8 became "7 times 8 is 56").
+        """
+        if steps is None:
+            heads = [quote(answer, self.max_answer_chars)[:41].rstrip(CLOSE) for _, _, answer in parts]
+            steps = {label for i, (label, _, answer) in enumerate(parts) if chained and answer.strip()
+                     and any(heads[i] in question for _, question, _ in parts[i + 1:])}
+        final = [quote(answer, self.max_answer_chars) for label, _, answer in parts if label not in steps]
+        background = "".join(f"- {question} {quote(answer, self.max_answer_chars)}\n"
+                             for label, question, answer in parts if label in steps)
+        if background and len(final) == 1:
+            facts = f"Facts found on the way:\n{background}\nAnswer from the last step:\n- {final[0]}"
+            task = ("Write one sentence that gives the answer from the last step, keeping its names and numbers "
+                    "exactly as given, even if you think they are wrong. Nothing else.")
+        else:
+            facts = (f"Facts found on the way:\n{background}\n" if background else "") + \
+                f"Facts from experts ({len(final)} parts):\n" + "\n".join(f"- {answer}" for answer in final)
+            numbers = ", ".join(f"{k}." for k in range(1, len(final) + 1))
+            task = (f"Write {len(final)} sentences, one per part, as a numbered list ({numbers}): sentence k gives "
+                    "answer k with all of its words, names and numbers, even if you think it is wrong; a bare answer "
+                    "such as a number becomes a short sentence that states it. No titles, no labels, nothing else.")
+        user = f"Question: {one_line(query)}\n\n{facts}\n\n{task}"
         return GenerationRequest(
             ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),
             self.max_new_tokens,
             tuple(self.stop),
         )
+
