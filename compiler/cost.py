@@ -46,6 +46,9 @@ class ModelCost:
     # Real kernels are not linear in batch size (fp32 on a 2-core CPU: F.linear's step grows 2.5x from batch 1
     # to 8, the weight-major kernel's 2x), so where measured this replaces the batch_alpha formula.
     decode_step_s_by_batch: Optional[Mapping[str, float]] = None
+    # Memory beyond the weights, so the plan's peak is what the process really holds:
+    load_extra_bytes: int = 0  # held only while loading (e.g. the on-disk copy mapped while weights convert)
+    workspace_bytes_per_token: float = 0.0  # activations of a prefill, per prompt token it computes at once
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +114,7 @@ class CostModel:
     default_output_tokens: int = 64  # used when a node carries no output-token estimate
     prompt_overhead_tokens: int = 0  # system prompt + chat template tokens added to every call
     load_bytes_per_s: float = 2e9  # disk/host -> device bandwidth for loads without a measured load_s
+    base_bytes: int = 0  # what the process holds before any model loads (runtime, imports, router embedder)
 
     def __post_init__(self) -> None:
         for expert, alias in self.expert_model.items():
@@ -216,6 +220,7 @@ class CostModel:
             "default_output_tokens": self.default_output_tokens,
             "prompt_overhead_tokens": self.prompt_overhead_tokens,
             "load_bytes_per_s": self.load_bytes_per_s,
+            "base_bytes": self.base_bytes,
             "models": {alias: asdict(mc) for alias, mc in self.models.items()},
             "experts": dict(self.expert_model),
         }
@@ -232,7 +237,7 @@ class CostModel:
         if not isinstance(models_raw, Mapping) or not isinstance(experts, Mapping):
             raise ConfigError("calibration needs a 'models' mapping (alias -> costs) and an 'experts' mapping "
                               "(expert -> alias)")
-        scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s"}
+        scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s", "base_bytes"}
         unknown = set(data) - scalars
         if unknown:
             raise ConfigError(f"unknown calibration keys: {', '.join(sorted(unknown))}")

@@ -1,4 +1,6 @@
-"""task=calibrate: measure every configured model on this machine; later compiles use the numbers."""
+"""task=calibrate: measure every configured model on this machine again (timings and memory); later runs use the
+numbers. Noisy measurements are refused, as in automatic calibration: the reason is printed and nothing is stored.
+"""
 from __future__ import annotations
 
 import json
@@ -8,21 +10,38 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from compllm.apps.build import build_pipeline
-from compllm.costing import calibrate, calibration_key, save_calibration
+from compllm.calibration import CalibrationStore, Protocol, calibrate, describe, measure_base_bytes
+from compllm.calibration.build import import_model_code
+
+GIB, MIB = 2**30, 2**20
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     pipeline = build_pipeline(cfg)
-    measured = {}
-    for alias in pipeline.model_aliases():
-        model = pipeline.pool.get(alias)
-        cost = calibrate(model, cfg.task.prompt_tokens, cfg.task.new_tokens, cfg.task.repeats)
-        measured[calibration_key(model)] = cost
-        print(f"{alias} ({calibration_key(model)}): weights {cost.weight_bytes / 2**20:.0f} MiB, "
-              f"KV {cost.kv_bytes_per_token / 1024:.1f} KiB/token, prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, "
-              f"decode {cost.decode_s_per_token * 1e3:.1f} ms/token, load {cost.load_s:.1f} s")
-    path = save_calibration(cfg.cache_dir, measured)
-    payload = {key: asdict(cost) for key, cost in measured.items()}
+    protocol = Protocol(prompt_tokens=cfg.task.prompt_tokens, decode_steps=cfg.task.new_tokens,
+                        min_rounds=cfg.task.repeats)
+    store = CalibrationStore(cfg.cache_dir)
+    infos = [describe(pipeline.pool, alias) for alias in pipeline.model_aliases()]
+    for info in infos:
+        import_model_code(info)
+    base = measure_base_bytes(pipeline.pool)
+    print(f"base: {base / GIB:.2f} GiB resident before any model loads (imports; the router's embedder not loaded)")
+    payload: dict = {"base_bytes": base, "models": {}}
+    for info in dict((i.key, i) for i in infos).values():
+        result = calibrate(pipeline.pool, info, store, protocol, progress=cfg.show_progress, force=True)
+        cost, verdict = result.cost, result.verdict
+        steps = ", ".join(f"{b}: {s * 1e3:.1f}" for b, s in (cost.decode_step_s_by_batch or {}).items()) or "n/a"
+        print(f"{info.alias} ({info.key}): {'stored' if result.stored else 'NOT stored: ' + result.note}\n"
+              f"  memory ({'measured' if result.memory_measured else 'estimated'}): weights {cost.weight_bytes / GIB:.2f}"
+              f" GiB, load transient {cost.load_extra_bytes / MIB:.0f} MiB, KV {cost.kv_bytes_per_token / 1024:.1f}"
+              f" KiB/token, prefill workspace {cost.workspace_bytes_per_token / 1024:.1f} KiB/token\n"
+              f"  time: prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, decode step by batch (ms) {steps}, "
+              f"load {cost.load_s or 0:.1f} s")
+        if verdict is not None:
+            others = "n/a" if verdict.others_cpu is None else f"{verdict.others_cpu:.0%}"
+            print(f"  measured in {verdict.seconds:.0f} s: {verdict.rounds} rounds ({verdict.clean_rounds} quiet), "
+                  f"spread {verdict.spread:.2f}x, other processes' CPU share up to {others}")
+        payload["models"][info.key] = {**asdict(cost), "stored": result.stored, "note": result.note}
     (out_dir / "calibration.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    print(f"calibration merged into {path}")
+    print(f"calibration file: {store.path}")
     return payload

@@ -1,0 +1,259 @@
+"""The cost model for a run: each model's stored calibration, else a fresh one (once per machine), else estimates.
+
+`build_cost_model` is called once per process, after the router is fitted and before the LLMs load, so that
+`base_bytes` is what the process holds without them, and a model calibrated now is loaded inside a measured
+window (its real resident bytes and load transient). A model already loaded still gets timings measured, with
+memory estimated from its files (`facts.estimated_cost`).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from compiler.cost import CostModel, ModelCost
+from compllm.calibration.facts import ModelFacts, estimated_cost, model_facts
+from compllm.calibration.measure import PREFILL, Probe, Protocol, Verdict, run_rounds, step_key, step_table
+from compllm.calibration.probe import HFProbe
+from compllm.calibration.store import CalibrationStore, Entry
+from compllm.runtime.memory import PeakWindow, current_rss_bytes, release_free_heap
+
+log = logging.getLogger(__name__)
+
+SKIP_HINT = "auto_calibrate=false skips calibration"
+
+
+def calibration_key(name: str, device: str, dtype: str, kernel: str) -> str:
+    """Timings hold for one model on one device kind, dtype and decode kernel (a changed kernel re-measures)."""
+    return f"{name}|{device.split(':')[0]}|{dtype}|{kernel}"
+
+
+def loaded_key(model) -> str:
+    """The key of a loaded hf model."""
+    kernel = "weight-major" if getattr(model, "skinny_linears", 0) else "torch"
+    return calibration_key(model.name, model.device, model.dtype, kernel)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a configured model alias without loading it."""
+
+    alias: str
+    key: str
+    device: str
+    dtype: str
+    directory: str | None  # the converted local HF directory, when the source is one
+    facts: ModelFacts | None  # None when the source is not a local directory (a hub repo id)
+
+
+def describe(pool, alias: str) -> ModelInfo:
+    """Resolve an alias's device, dtype, key and files (materializing the source, which converts it once)."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    from compllm.backends.hf import resolve_device, resolve_dtype
+    from compllm.backends.pool import CACHE_DTYPE
+
+    spec = pool.spec(alias)
+    device = resolve_device(spec.get("device", "auto"))
+    dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    kernel = "weight-major" if spec.get("decode_matmul", "auto") == "auto" and device == "cpu" else "torch"
+    resolved = instantiate(spec["source"]).materialize(cache_dir=pool.cache_dir, dtype=CACHE_DTYPE)
+    directory = resolved.path if not resolved.gguf_file and Path(resolved.path).is_dir() else None
+    facts = None
+    if directory:
+        try:
+            facts = model_facts(directory)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cannot read the shape of %s from %s (%s); its costs come from the loaded model", alias,
+                        directory, exc)
+    return ModelInfo(alias, calibration_key(spec.get("name", alias), device, dtype, kernel), device, dtype,
+                     directory, facts)
+
+
+@dataclass
+class Calibration:
+    """One model's calibration outcome: the cost to use this run, and whether it was stored."""
+
+    alias: str
+    key: str
+    cost: ModelCost
+    stored: bool
+    verdict: Verdict | None = None
+    memory_measured: bool = False
+    note: str = ""
+
+
+def _backend(pool, alias: str):
+    model = pool.get(alias)
+    return getattr(model, "inner", model)  # a fault-injection wrapper times the real model underneath
+
+
+def _estimate(pool, info: ModelInfo) -> ModelCost:
+    if info.facts is not None:
+        return estimated_cost(info.facts, info.dtype, info.device)
+    return estimated_cost(facts_of_loaded(_backend(pool, info.alias)), info.dtype, info.device)
+
+
+def facts_of_loaded(model) -> ModelFacts:
+    """Facts of a loaded hf model (for sources without a local directory)."""
+    cfg = model.model.config
+    heads = cfg.num_attention_heads
+    return ModelFacts(
+        params=sum(p.numel() for p in model.model.parameters()),
+        largest_tensor_file_bytes=max(p.numel() * p.element_size() for p in model.model.parameters()),
+        layers=cfg.num_hidden_layers,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        hidden=cfg.hidden_size,
+        intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+        tokenizer_file_bytes=0,
+    )
+
+
+def _progress_bar(progress: bool, alias: str, protocol: Protocol, loading: bool):
+    from tqdm.auto import tqdm
+
+    per_round = len(protocol.quantities())
+    total = (protocol.min_rounds + protocol.warmup) * per_round + 1  # + the workspace prefill
+    return tqdm(total=total, desc=f"calibrating {alias}" + (": loading" if loading else ""), unit="measurement",
+                disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def calibrate(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol | None = None,
+              progress: bool = True, force: bool = False, probe_of: Callable[[object], Probe] = HFProbe) -> Calibration:
+    """Measure one model under the machine-wide calibration lock and store it if the numbers are good.
+
+    Another process that held the lock may have measured it meanwhile: then its entry is used (unless `force`).
+    Refused (noisy) measurements are not stored: this run uses the previous timings or the estimate, with the
+    memory measured now; the next run tries again."""
+    protocol = protocol or Protocol()
+    estimate = _estimate(pool, info) if info.facts is not None else None
+    with store.lock() as locked:
+        if not locked:
+            cost = estimate or _estimate(pool, info)
+            return Calibration(info.alias, info.key, cost, False, note="calibration lock not acquired")
+        if not force and (entry := store.get(info.key)) is not None:
+            log.info("using the calibration of %s that another process just stored", info.key)
+            return Calibration(info.alias, info.key, entry.cost, True, note="measured by another process")
+        log.info("calibrating %s on this machine, once (%s)", info.key, SKIP_HINT)
+        loading = info.alias not in pool.loaded()
+        bar = _progress_bar(progress, info.alias, protocol, loading)
+        try:
+            load_window = None
+            if loading:
+                import_model_code(info)  # code is base, not the model's resident bytes
+                gc.collect()
+                release_free_heap()
+                with PeakWindow(device=info.device) as load_window:
+                    model = _backend(pool, info.alias)
+                bar.set_description(f"calibrating {info.alias}")
+            else:
+                model = _backend(pool, info.alias)
+            probe = probe_of(model)
+
+            def tick(what: str) -> None:
+                bar.set_postfix_str("prefill" if what == PREFILL else what.replace("step@", "decode step, batch "),
+                                    refresh=False)
+                bar.update(1)
+
+            def extra_round(n: int) -> None:
+                bar.total += len(protocol.quantities())
+                bar.set_description(f"calibrating {info.alias} (noisy, round {n}/{protocol.max_rounds})")
+
+            verdict = run_rounds(probe, protocol, tick, extra_round)
+            workspace = kv = None
+            if verdict.ok:  # refused: spare a busy machine the extra prefill, the estimate will do
+                bar.set_postfix_str("prefill memory", refresh=False)
+                workspace, kv = probe.prefill_memory(protocol.memory_rows, protocol.prompt_tokens)
+                bar.update(1)
+        finally:
+            bar.close()
+        return _conclude(pool, info, store, protocol, model, verdict, load_window, workspace, kv, estimate)
+
+
+def _conclude(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol, model, verdict: Verdict,
+              load_window: PeakWindow | None, workspace: float | None, kv: float | None,
+              estimate: ModelCost | None) -> Calibration:
+    estimate = estimate or _estimate(pool, info)
+    measured_memory = load_window is not None and load_window.exact
+    memory = dict(
+        # never less than the tensors themselves (a window that reused freed heap under-reads)
+        weight_bytes=max(load_window.retained if measured_memory else estimate.weight_bytes, model.weight_bytes),
+        load_extra_bytes=load_window.peak_above_end if measured_memory else estimate.load_extra_bytes,
+        kv_bytes_per_token=estimate.kv_bytes_per_token if kv is None else int(round(kv)),
+        workspace_bytes_per_token=estimate.workspace_bytes_per_token if workspace is None else round(workspace, 1),
+    )
+    if verdict.ok:
+        cost = ModelCost(
+            prefill_s_per_token=verdict.values[PREFILL],
+            decode_s_per_token=verdict.values[step_key(min(protocol.batch_sizes))],
+            load_s=round(model.stats.load_seconds, 3),
+            decode_step_s_by_batch=step_table(verdict.values, protocol.batch_sizes),
+            **memory,
+        )
+        store.save(info.key, cost, rounds=verdict.rounds, spread=round(verdict.spread, 3),
+                   others_cpu=None if verdict.others_cpu is None else round(verdict.others_cpu, 3),
+                   seconds=round(verdict.seconds, 1), memory="measured" if measured_memory else "estimated")
+        log.info("calibrated %s in %.0f s (%d rounds, spread %.2fx): prefill %.2f ms/token, decode step %s ms",
+                 info.key, verdict.seconds, verdict.rounds, verdict.spread, cost.prefill_s_per_token * 1e3,
+                 {b: round(s * 1e3, 1) for b, s in cost.decode_step_s_by_batch.items()})
+        return Calibration(info.alias, info.key, cost, True, verdict, measured_memory)
+    previous = store.previous(info.key)
+    timings = previous or estimate
+    source = "the previous calibration's timings" if previous else "roofline timing estimates"
+    log.warning("not storing the calibration of %s: %s. This run uses %s; the next run measures again (%s)",
+                info.key, verdict.reason, source, SKIP_HINT)
+    cost = ModelCost(prefill_s_per_token=timings.prefill_s_per_token, decode_s_per_token=timings.decode_s_per_token,
+                     decode_step_s_by_batch=timings.decode_step_s_by_batch, load_s=round(model.stats.load_seconds, 3),
+                     **memory)
+    return Calibration(info.alias, info.key, cost, False, verdict, measured_memory, note=verdict.reason)
+
+
+def import_model_code(info: ModelInfo) -> None:
+    """Import the transformers module of the model's class (~120 MiB resident on a first load): process overhead,
+    measured as base, not as the first model's bytes."""
+    from compllm.backends import weights
+
+    if info.directory:
+        weights.model_class(info.directory)
+
+
+def measure_base_bytes(pool) -> int:
+    """What the process holds besides loaded LLMs: resident now, minus the weights of any model already loaded."""
+    gc.collect()
+    release_free_heap()
+    held = {id(m): m for m in pool.loaded().values()}
+    return max(current_rss_bytes() - sum(getattr(m, "weight_bytes", 0) for m in held.values()), 0)
+
+
+def build_cost_model(pool, experts_to_alias: Mapping[str, str], cache_dir: str | None = None,
+                     auto_calibrate: bool = True, progress: bool = True,
+                     protocol: Protocol | None = None) -> CostModel:
+    """The cost model over every alias `experts_to_alias` names (expert -> model alias, aggregator included).
+
+    Per alias: the stored calibration; else, with `auto_calibrate`, a calibration now (stored when the machine
+    was quiet enough, see `measure`); else estimates from the model's files (`facts`). `base_bytes` is measured
+    now: call this after the router is fitted and before the LLMs load (loaded ones are subtracted, roughly)."""
+    aliases = list(dict.fromkeys(experts_to_alias.values()))
+    infos = {alias: describe(pool, alias) for alias in aliases}
+    for info in infos.values():  # model code imported now counts as base, not as the first model's weights
+        import_model_code(info)
+    base = measure_base_bytes(pool)
+    store = CalibrationStore(cache_dir)
+    stored = store.entries()
+    costs: dict[str, ModelCost] = {}
+    for alias, info in infos.items():
+        entry: Entry | None = stored.get(info.key)
+        if entry is not None:
+            costs[alias] = entry.cost
+        elif auto_calibrate:
+            costs[alias] = calibrate(pool, info, store, protocol, progress).cost
+        else:
+            log.info("%s has no calibration on this machine: using estimates (auto_calibrate=true measures it)",
+                     info.key)
+            costs[alias] = _estimate(pool, info)
+    return CostModel(models=costs, expert_model=dict(experts_to_alias), base_bytes=base)
+
