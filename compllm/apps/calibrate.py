@@ -24,24 +24,26 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     infos = [describe(pipeline.pool, alias) for alias in pipeline.model_aliases()]
     for info in infos:
         import_model_code(info)
-    base = measure_base_bytes(pipeline.pool)
+    base = measure_base_bytes(pipeline.pool, infos)
     print(f"base: {base / GIB:.2f} GiB resident before any model loads (imports; the router's embedder not loaded)")
-    payload: dict = {"base_bytes": base, "models": {}}
+    payload: dict = {}  # key -> the measured costs (also when not stored), "stored", "note"
     for info in dict((i.key, i) for i in infos).values():
         result = calibrate(pipeline.pool, info, store, protocol, progress=cfg.show_progress, force=True)
-        cost, verdict = result.cost, result.verdict
+        cost, verdict = result.measured or result.cost, result.verdict
         steps = ", ".join(f"{b}: {s * 1e3:.1f}" for b, s in (cost.decode_step_s_by_batch or {}).items()) or "n/a"
         print(f"{info.alias} ({info.key}): {'stored' if result.stored else 'NOT stored: ' + result.note}\n"
               f"  memory ({'measured' if result.memory_measured else 'estimated'}): weights {cost.weight_bytes / GIB:.2f}"
-              f" GiB, load transient {cost.load_extra_bytes / MIB:.0f} MiB, KV {cost.kv_bytes_per_token / 1024:.1f}"
-              f" KiB/token, prefill workspace {cost.workspace_bytes_per_token / 1024:.1f} KiB/token\n"
-              f"  time: prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, decode step by batch (ms) {steps}, "
-              f"load {cost.load_s or 0:.1f} s")
+              f" GiB (with tokenizer), load transient {cost.load_extra_bytes / MIB:.0f} MiB, KV "
+              f"{cost.kv_bytes_per_token / 1024:.1f} KiB/token, prefill workspace "
+              f"{cost.workspace_bytes_per_token / 1024:.1f} KiB/token\n"
+              f"  time{'' if result.stored else ' (as measured, noisy)'}: prefill {cost.prefill_s_per_token * 1e3:.2f}"
+              f" ms/token, decode step by batch (ms) {steps}, load {cost.load_s or 0:.1f} s")
         if verdict is not None:
             others = "n/a" if verdict.others_cpu is None else f"{verdict.others_cpu:.0%}"
             print(f"  measured in {verdict.seconds:.0f} s: {verdict.rounds} rounds ({verdict.clean_rounds} quiet), "
                   f"spread {verdict.spread:.2f}x, other processes' CPU share up to {others}")
-        payload["models"][info.key] = {**asdict(cost), "stored": result.stored, "note": result.note}
-    (out_dir / "calibration.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        payload[info.key] = {**asdict(cost), "stored": result.stored, "note": result.note}
+    (out_dir / "calibration.json").write_text(json.dumps({"base_bytes": base, "models": payload}, indent=2),
+                                              encoding="utf-8")
     print(f"calibration file: {store.path}")
     return payload

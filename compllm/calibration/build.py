@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from compiler.cost import CostModel, ModelCost
 from compllm.calibration.facts import ModelFacts, estimated_cost, model_facts
@@ -75,7 +75,8 @@ def describe(pool, alias: str) -> ModelInfo:
 
 @dataclass
 class Calibration:
-    """One model's calibration outcome: the cost to use this run, and whether it was stored."""
+    """One model's calibration outcome: the cost to use this run, whether it was stored, and what was measured
+    (also when refused: `task=calibrate` shows it)."""
 
     alias: str
     key: str
@@ -84,6 +85,7 @@ class Calibration:
     verdict: Verdict | None = None
     memory_measured: bool = False
     note: str = ""
+    measured: ModelCost | None = None
 
 
 def _backend(pool, alias: str):
@@ -113,13 +115,18 @@ def facts_of_loaded(model) -> ModelFacts:
     )
 
 
-def _progress_bar(progress: bool, alias: str, protocol: Protocol, loading: bool):
+def _name(info: ModelInfo) -> str:
+    return info.key.split("|")[0]
+
+
+def _progress_bar(progress: bool, name: str, protocol: Protocol, loading: bool):
+    """Counts measurements (one round: a prefill and a decode step per batch size), so tqdm's ETA follows."""
     from tqdm.auto import tqdm
 
     per_round = len(protocol.quantities())
     total = (protocol.min_rounds + protocol.warmup) * per_round + 1  # + the workspace prefill
-    return tqdm(total=total, desc=f"calibrating {alias}" + (": loading" if loading else ""), unit="measurement",
-                disable=not progress, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=f"calibrating {name}" + (": loading weights" if loading else ""),
+                unit="measurement", disable=not progress, leave=False, dynamic_ncols=True)
 
 
 def calibrate(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol | None = None,
@@ -140,7 +147,7 @@ def calibrate(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol
             return Calibration(info.alias, info.key, entry.cost, True, note="measured by another process")
         log.info("calibrating %s on this machine, once (%s)", info.key, SKIP_HINT)
         loading = info.alias not in pool.loaded()
-        bar = _progress_bar(progress, info.alias, protocol, loading)
+        bar = _progress_bar(progress, _name(info), protocol, loading)
         try:
             load_window = None
             if loading:
@@ -149,19 +156,21 @@ def calibrate(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol
                 release_free_heap()
                 with PeakWindow(device=info.device) as load_window:
                     model = _backend(pool, info.alias)
-                bar.set_description(f"calibrating {info.alias}")
+                bar.set_description(f"calibrating {_name(info)}")
             else:
                 model = _backend(pool, info.alias)
             probe = probe_of(model)
 
-            def tick(what: str) -> None:
-                bar.set_postfix_str("prefill" if what == PREFILL else what.replace("step@", "decode step, batch "),
-                                    refresh=False)
-                bar.update(1)
+            def tick(what: str, done: bool) -> None:
+                if done:
+                    bar.update(1)
+                else:
+                    bar.set_postfix_str(f"prefill of {protocol.prompt_tokens} tokens" if what == PREFILL else
+                                        what.replace("step@", "decode steps at batch "))
 
             def extra_round(n: int) -> None:
                 bar.total += len(protocol.quantities())
-                bar.set_description(f"calibrating {info.alias} (noisy, round {n}/{protocol.max_rounds})")
+                bar.set_description(f"calibrating {_name(info)}: noisy, extra round {n}/{protocol.max_rounds}")
 
             verdict = run_rounds(probe, protocol, tick, extra_round)
             workspace = kv = None
@@ -186,21 +195,24 @@ def _conclude(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol
         kv_bytes_per_token=estimate.kv_bytes_per_token if kv is None else int(round(kv)),
         workspace_bytes_per_token=estimate.workspace_bytes_per_token if workspace is None else round(workspace, 1),
     )
-    if verdict.ok:
-        cost = ModelCost(
+    measured = None
+    if all(q in verdict.values for q in protocol.quantities()):
+        measured = ModelCost(
             prefill_s_per_token=verdict.values[PREFILL],
             decode_s_per_token=verdict.values[step_key(min(protocol.batch_sizes))],
             load_s=round(model.stats.load_seconds, 3),
             decode_step_s_by_batch=step_table(verdict.values, protocol.batch_sizes),
             **memory,
         )
+    if verdict.ok and measured is not None:
+        cost = measured
         store.save(info.key, cost, rounds=verdict.rounds, spread=round(verdict.spread, 3),
                    others_cpu=None if verdict.others_cpu is None else round(verdict.others_cpu, 3),
                    seconds=round(verdict.seconds, 1), memory="measured" if measured_memory else "estimated")
         log.info("calibrated %s in %.0f s (%d rounds, spread %.2fx): prefill %.2f ms/token, decode step %s ms",
                  info.key, verdict.seconds, verdict.rounds, verdict.spread, cost.prefill_s_per_token * 1e3,
                  {b: round(s * 1e3, 1) for b, s in cost.decode_step_s_by_batch.items()})
-        return Calibration(info.alias, info.key, cost, True, verdict, measured_memory)
+        return Calibration(info.alias, info.key, cost, True, verdict, measured_memory, measured=measured)
     previous = store.previous(info.key)
     timings = previous or estimate
     source = "the previous calibration's timings" if previous else "roofline timing estimates"
@@ -209,7 +221,7 @@ def _conclude(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol
     cost = ModelCost(prefill_s_per_token=timings.prefill_s_per_token, decode_s_per_token=timings.decode_s_per_token,
                      decode_step_s_by_batch=timings.decode_step_s_by_batch, load_s=round(model.stats.load_seconds, 3),
                      **memory)
-    return Calibration(info.alias, info.key, cost, False, verdict, measured_memory, note=verdict.reason)
+    return Calibration(info.alias, info.key, cost, False, verdict, measured_memory, verdict.reason, measured)
 
 
 def import_model_code(info: ModelInfo) -> None:
@@ -221,12 +233,18 @@ def import_model_code(info: ModelInfo) -> None:
         weights.model_class(info.directory)
 
 
-def measure_base_bytes(pool) -> int:
-    """What the process holds besides loaded LLMs: resident now, minus the weights of any model already loaded."""
+def measure_base_bytes(pool, infos: Sequence[ModelInfo] = ()) -> int:
+    """What the process holds besides loaded LLMs: resident now, minus what any model already loaded keeps (its
+    estimated resident bytes, `facts`; its tensors where there are no facts)."""
     gc.collect()
     release_free_heap()
-    held = {id(m): m for m in pool.loaded().values()}
-    return max(current_rss_bytes() - sum(getattr(m, "weight_bytes", 0) for m in held.values()), 0)
+    by_alias = {info.alias: info for info in infos}
+    held: dict[int, int] = {}
+    for alias, model in pool.loaded().items():
+        info = by_alias.get(alias)
+        estimate = info.facts.weight_bytes(info.dtype) if info is not None and info.facts is not None else 0
+        held[id(model)] = max(held.get(id(model), 0), getattr(model, "weight_bytes", 0), estimate)
+    return max(current_rss_bytes() - sum(held.values()), 0)
 
 
 def build_cost_model(pool, experts_to_alias: Mapping[str, str], cache_dir: str | None = None,
@@ -241,7 +259,7 @@ def build_cost_model(pool, experts_to_alias: Mapping[str, str], cache_dir: str |
     infos = {alias: describe(pool, alias) for alias in aliases}
     for info in infos.values():  # model code imported now counts as base, not as the first model's weights
         import_model_code(info)
-    base = measure_base_bytes(pool)
+    base = measure_base_bytes(pool, list(infos.values()))
     store = CalibrationStore(cache_dir)
     stored = store.entries()
     costs: dict[str, ModelCost] = {}

@@ -83,18 +83,20 @@ class Verdict:
     history: list[Round] = field(default_factory=list, repr=False)
 
 
-def measure_round(probe: Probe, protocol: Protocol, tick: Callable[[str], None] = lambda what: None,
+def measure_round(probe: Probe, protocol: Protocol, tick: Callable[[str, bool], None] = lambda what, done: None,
                   deadline: float = float("inf")) -> Round | None:
-    """One interleaved round: prefill, then a decode step at each batch size; `tick` after each measurement.
-    None when the deadline passed before the round was complete (a busy machine: stop early, not late)."""
+    """One interleaved round: prefill, then a decode step at each batch size; `tick(what, done)` before and after
+    each measurement. None when the deadline passed before the round was complete (a busy machine: stop early)."""
     meter, start = CpuMeter.start(), time.perf_counter()
+    tick(PREFILL, False)
     values = {PREFILL: probe.prefill_seconds(1, protocol.prompt_tokens) / protocol.prompt_tokens}
-    tick(PREFILL)
+    tick(PREFILL, True)
     for b in protocol.batch_sizes:
         if time.perf_counter() > deadline:
             return None
+        tick(step_key(b), False)
         values[step_key(b)] = probe.decode_step_seconds(b, protocol.step_prompt_tokens, protocol.decode_steps)
-        tick(step_key(b))
+        tick(step_key(b), True)
     return Round(values, meter.others_share(), time.perf_counter() - start)
 
 
@@ -126,7 +128,7 @@ def judge(rounds: Sequence[Round], protocol: Protocol) -> Verdict:
     return Verdict(not reason, reason, values, spread, len(rounds), len(clean), others, history=list(rounds))
 
 
-def run_rounds(probe: Probe, protocol: Protocol, tick: Callable[[str], None] = lambda what: None,
+def run_rounds(probe: Probe, protocol: Protocol, tick: Callable[[str, bool], None] = lambda what, done: None,
                on_extra_round: Callable[[int], None] = lambda n: None) -> Verdict:
     """Warm up, take `min_rounds` rounds, then more while the verdict is bad (see the module docstring); never
     start a measurement after `max_seconds`."""
