@@ -140,6 +140,7 @@ def calibrate(pool, info: ModelInfo, store: CalibrationStore, protocol: Protocol
     estimate = _estimate(pool, info) if info.facts is not None else None
     with store.lock() as locked:
         if not locked:
+            log.warning("not calibrating %s this run: estimates are used; the next run tries again", info.key)
             cost = estimate or _estimate(pool, info)
             return Calibration(info.alias, info.key, cost, False, note="calibration lock not acquired")
         if not force and (entry := store.get(info.key)) is not None:

@@ -26,9 +26,12 @@ HARDWARE = {
 # Resident bytes of a loaded fast tokenizer per byte of tokenizer.json, measured 12x (Qwen2.5: 131 MiB for 11.4 MB)
 # and 13.7x (SmolLM2: 46 MiB for 3.5 MB); the larger, rounded up.
 TOKENIZER_RESIDENT_PER_FILE_BYTE = 14.0
+# Resident bytes per byte of parameters after a load: the allocator's slack (measured +3.4% for Qwen2.5-0.5B and
+# +6.4% for SmolLM2-135M in fp32, read with pread).
+WEIGHT_SLACK = 1.05
 # Prefill activations per prompt token, in elements: the MLP's gate, up and product (3 x intermediate) and about
 # eight hidden-sized tensors (residual, norms, q/k/v/o). Measured fp32 on CPU: Qwen2.5-0.5B 84 KiB/token for
-# prefills of 1-4k tokens (this formula: 85 KiB).
+# prefills of 0.5-4k tokens (calibration, 2 x 256 tokens: 85.0 KiB; this formula: 84.9 KiB).
 WORKSPACE_INTERMEDIATES = 3
 WORKSPACE_HIDDENS = 8
 
@@ -45,8 +48,10 @@ class ModelFacts:
     tokenizer_file_bytes: int
 
     def weight_bytes(self, dtype: str) -> int:
-        """Parameters in the compute dtype plus the loaded tokenizer."""
-        return int(self.params * ELEMENT_BYTES[dtype] + self.tokenizer_file_bytes * TOKENIZER_RESIDENT_PER_FILE_BYTE)
+        """What the loaded model keeps resident: parameters in the compute dtype (plus allocator slack) and the
+        tokenizer."""
+        return int(self.params * ELEMENT_BYTES[dtype] * WEIGHT_SLACK
+                   + self.tokenizer_file_bytes * TOKENIZER_RESIDENT_PER_FILE_BYTE)
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * ELEMENT_BYTES[dtype]

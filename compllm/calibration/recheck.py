@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 MIN_STEPS = 3
 MAX_RATIO = 3.0
 MAX_OTHERS_CPU = 0.25
+LOCK_WAIT_S = 5.0  # a calibration in progress holds the lock: leave the entry rather than hold up the run
 
 
 def step_ratios(plan, step_records: Sequence) -> dict[str, list[float]]:
@@ -59,7 +60,9 @@ def recheck_calibration(cache_dir: str | None, plan, step_records: Sequence, cos
         entries = store.entries() if entries is None else entries
         used = cost_model.models.get(alias)
         for key in [k for k, e in entries.items() if e.cost == used]:
-            if store.drop(key):
+            with store.lock(timeout=LOCK_WAIT_S) as locked:  # never race a calibration writing the file
+                dropped = locked and store.get(key) is not None and store.get(key).cost == used and store.drop(key)
+            if dropped:
                 message = (f"calibration of model {alias} ({key}) is off: its {len(ratios)} generate steps took "
                            f"{ratio:.2f}x the compiler's estimate (median; limit {max_ratio:g}x either way). Dropped "
                            f"it from {store.path}; the next run measures again")

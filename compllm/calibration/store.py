@@ -138,7 +138,7 @@ class CalibrationStore:
             try:
                 lock.acquire(timeout=timeout)
             except Timeout:
-                log.warning("gave up waiting %.0f s for the calibration lock %s; not calibrating this run",
+                log.warning("gave up waiting %.0f s for the calibration lock %s, held by another process",
                             timeout, lock.lock_file)
                 yield False
                 return
