@@ -54,6 +54,52 @@ def window(stages: dict, name: str):
     return run()
 
 
+class RssSampler:
+    """RSS every 50 ms on a thread during the run, to say which plan step was running at the peak."""
+
+    def __init__(self, every: float = 0.05):
+        import threading
+
+        self.every, self.samples, self._stop = every, [], threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self.t0, current_rss_bytes()))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "RssSampler":
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def coarse(self, seconds: float = 5.0) -> list[tuple[float, int]]:
+        buckets: dict[int, int] = {}
+        for t, rss in self.samples:
+            buckets[int(t // seconds)] = max(buckets.get(int(t // seconds), 0), rss)
+        return [(k * seconds, v) for k, v in sorted(buckets.items())]
+
+    def step_at_peak(self, records, plan: dict) -> dict:
+        """The plan step whose span holds the sampled peak (record times count from the execute stage's start,
+        so they are matched by the step's position in the run, approximately)."""
+        if not self.samples:
+            return {}
+        t_peak, rss = max(self.samples, key=lambda s: s[1])
+        steps = {s["id"]: s for s in plan.get("steps", [])}
+        end = max((r.end for r in records), default=0.0)
+        offset = max(self.samples[-1][0] - end, 0.0)  # execute is the run's last stage: align the ends
+        for r in records:
+            if r.start <= t_peak - offset <= r.end:
+                step = steps.get(r.step_id, {})
+                return {"rss": rss, "t": round(t_peak, 1), "step": r.step_id, "kind": r.kind,
+                        "nodes": len(step.get("nodes", ())), "slots": step.get("slots", 0)}
+        return {"rss": rss, "t": round(t_peak, 1), "step": None}
+
+
 def largest_call(result: dict, cost_model) -> dict:
     """The generate step whose KV + workspace is largest, from the tokens the run really used."""
     nodes = {n["node_id"]: n for q in result["queries"] for n in q["nodes"]}
@@ -92,6 +138,8 @@ def table(record: dict) -> str:
         ("calibration: peak above its start", s["calibrate"]["peak_above_start"],
          f"{s['calibrate']['seconds']:.0f} s (0 when already calibrated)"),
         ("run: peak above its start (weights loaded)", s["run"]["peak_above_start"], "`Pipeline.run`"),
+        ("run: the step running at the peak", b["at_peak"].get("rss", 0),
+         f"{b['at_peak'].get('step')} ({b['at_peak'].get('nodes', 0)} nodes, {b['at_peak'].get('slots', 0)} slots)"),
         ("**expected peak** = base + weights + max(load transient, largest call)", b["expected"],
          "the cost model's numbers, the run's tokens"),
         ("**planned peak** (compiler)", record["memory"].get("planned_peak_bytes") or 0, "`result.memory`"),
@@ -158,7 +206,8 @@ def main() -> int:
     else:
         text = Path(args.queries_file).read_text(encoding="utf-8") if args.queries_file else MAKE_RUN_QUERY
         queries, decompositions = [q for q in text.splitlines() if q.strip()], None
-    with window(stages, "run"):
+    sampler = RssSampler()
+    with window(stages, "run"), sampler:
         run_result, _ = pipeline.run(queries, decompositions=decompositions)
     result = run_result.to_dict()
     result.pop("trace", None)
@@ -173,6 +222,7 @@ def main() -> int:
         load_extra = max(cost_model.cost(a).load_extra_bytes for a in aliases)
         weights_how = "the cost model (calibration's load window)"
     call = largest_call(result, cost_model)
+    at_peak = sampler.step_at_peak(getattr(pipeline.policy, "step_records", ()), result.get("plan") or {})
     expected = cost_model.base_bytes + weights + max(load_extra, call.get("bytes", 0))
     measured = result["memory"]["measured_peak_bytes"]
     planned = result["memory"].get("planned_peak_bytes") or 0
@@ -186,7 +236,8 @@ def main() -> int:
                       "weights_how": weights_how, "call": call, "expected": expected,
                       "measured_over_expected": measured / expected,
                       "measured_over_planned": measured / planned if planned else float("nan"),
-                      "rss_end": current_rss_bytes(), "run_peak": run_peak_rss_bytes()},
+                      "rss_end": current_rss_bytes(), "run_peak": run_peak_rss_bytes(), "at_peak": at_peak},
+        "rss_timeline": sampler.coarse(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,3 +45,9 @@ def test_a_reset_never_hides_the_run_peak():
 def test_release_free_heap_is_harmless():
     assert memory.release_free_heap() in (True, False)
     assert current_rss_bytes() > 0
+
+
+@linux_only
+def test_heap_fragmentation_limit_can_be_set():
+    assert memory.limit_heap_fragmentation(256 << 10) in (True, False)
+    memory.limit_heap_fragmentation(32 << 20)  # back near glibc's default ceiling for the rest of the session

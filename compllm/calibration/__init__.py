@@ -5,6 +5,12 @@ Modules, one job each: `measure` (timing rounds and the noise verdict), `content
 `probe` (what is timed and measured on an hf model), `facts` (estimates without loading), `store` (the file, its
 lock), `build` (the cost model of a run), `recheck` (after a run: drop an entry reality contradicts).
 Memory is read with `compllm.runtime.memory`.
+
+Use from a run (once per process):
+    prepare:  router.fit(...)  ->  cost = build_cost_model(pool, experts_to_alias, cache_dir, auto_calibrate,
+              progress)  ->  load the models (a model calibrated just now is already loaded)
+    run end:  recheck_calibration(cache_dir, plan, step_records, cost, others_cpu=meter.others_share())
+              with `meter = contention.CpuMeter.start()` taken when execution starts (optional).
 """
 from compllm.calibration.build import (
     Calibration,

@@ -2,7 +2,8 @@
 
 A round measures every quantity once, in the same order (interleaved: a burst of other work lands in one round,
 not on one batch size): the prefill seconds per prompt token at batch 1, then one decode step at each batch size.
-The first round only warms kernels and allocators. After `min_rounds`, the numbers are judged (`judge`):
+A warm-up round first runs every shape once (kernels and allocators are set up per shape) and is not judged.
+After `min_rounds`, the numbers are judged (`judge`):
 
 * a round is **contaminated** when other processes used more than `max_others_cpu` of our CPUs during it
   (`contention.CpuMeter`); only clean rounds count;
@@ -12,8 +13,8 @@ The first round only warms kernels and allocators. After `min_rounds`, the numbe
   every kernel measured here batches sub-linearly, and believing the opposite makes the compiler stop batching.
 
 While the verdict is bad, another round is taken, up to `max_rounds` rounds; no measurement starts after
-`max_seconds`. If the verdict is still bad, the measurement is refused (never stored). Each stored number is the minimum over clean rounds: other work only
-ever adds time.
+`max_seconds`. If the verdict is still bad, the measurement is refused (never stored). Each stored number is the
+minimum over clean rounds: other work only ever adds time.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def step_key(batch: int) -> str:
 
 @dataclass(frozen=True)
 class Protocol:
-    """What is measured and how hard we try. Defaults: ~20 s for Qwen2.5-0.5B fp32 on a quiet 2-core CPU."""
+    """What is measured and how hard we try. Defaults: one round is a 256-token prefill, then per batch size a
+    16-token prefill and 4 timed decode steps; on a 2-core CPU with Qwen2.5-0.5B fp32 (248-491 ms per decode step,
+    5.6 ms per prefill token, `experiments/bench_decode_step.md`) that is ~8 s a round, ~4 s the warm-up."""
 
     prompt_tokens: int = 256  # prefill timing: one row of this many tokens
-    decode_steps: int = 8  # decode steps timed per batch size per round (after a short prefill)
+    decode_steps: int = 4  # decode steps timed per batch size per round (after a short prefill)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)  # the cost model takes the next measured size up
     step_prompt_tokens: int = 16  # prompt length before the timed decode steps
     min_rounds: int = 3  # clean rounds judged (after one warm-up round)
@@ -84,9 +87,11 @@ class Verdict:
 
 
 def measure_round(probe: Probe, protocol: Protocol, tick: Callable[[str, bool], None] = lambda what, done: None,
-                  deadline: float = float("inf")) -> Round | None:
+                  deadline: float = float("inf"), warmup: bool = False) -> Round | None:
     """One interleaved round: prefill, then a decode step at each batch size; `tick(what, done)` before and after
-    each measurement. None when the deadline passed before the round was complete (a busy machine: stop early)."""
+    each measurement. None when the deadline passed before the round was complete (a busy machine: stop early).
+    A warm-up round runs every shape once but only one decode step per batch size: kernels are set up per shape."""
+    steps = 1 if warmup else protocol.decode_steps
     meter, start = CpuMeter.start(), time.perf_counter()
     tick(PREFILL, False)
     values = {PREFILL: probe.prefill_seconds(1, protocol.prompt_tokens) / protocol.prompt_tokens}
@@ -95,7 +100,7 @@ def measure_round(probe: Probe, protocol: Protocol, tick: Callable[[str, bool], 
         if time.perf_counter() > deadline:
             return None
         tick(step_key(b), False)
-        values[step_key(b)] = probe.decode_step_seconds(b, protocol.step_prompt_tokens, protocol.decode_steps)
+        values[step_key(b)] = probe.decode_step_seconds(b, protocol.step_prompt_tokens, steps)
         tick(step_key(b), True)
     return Round(values, meter.others_share(), time.perf_counter() - start)
 
@@ -135,7 +140,7 @@ def run_rounds(probe: Probe, protocol: Protocol, tick: Callable[[str, bool], Non
     start = time.perf_counter()
     deadline = start + protocol.max_seconds
     if protocol.warmup:
-        measure_round(probe, protocol, tick, deadline)
+        measure_round(probe, protocol, tick, deadline, warmup=True)
     rounds: list[Round] = []
     while len(rounds) < protocol.max_rounds and time.perf_counter() < deadline:
         if len(rounds) >= protocol.min_rounds:

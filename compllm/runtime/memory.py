@@ -94,6 +94,22 @@ def release_free_heap() -> bool:
 
 
 _libc = None
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def limit_heap_fragmentation(mmap_threshold: int = 256 << 10) -> bool:
+    """Opt-in: serve allocations of at least `mmap_threshold` bytes from their own mappings (glibc mallopt), so
+    memory freed by a decode step goes back to the kernel instead of staying as heap holes.
+
+    Why: the KV cache grows by a `torch.cat` per layer per decode step; glibc's default (a threshold that rises to
+    32 MiB) serves those tensors from the heap, whose holes cannot take the next, larger ones. Measured, Qwen2.5-0.5B
+    fp32, 8 rows x (620 + 96) tokens (134 MiB of KV): peak 904 MiB above the start by default, 479 MiB with
+    256 KiB here. Costs page faults on every such allocation; its speed effect was not measured on a quiet machine.
+    False where there is no glibc."""
+    release_free_heap()  # loads _libc
+    if not _libc or not hasattr(_libc, "mallopt"):
+        return False
+    return bool(_libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
 
 
 def _cuda(device: str):
