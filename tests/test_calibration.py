@@ -103,6 +103,11 @@ def test_a_batch_step_dearer_than_its_rows_one_by_one_is_refused():
     assert not verdict.ok and "batch 2" in verdict.reason and "dearer" in verdict.reason
 
 
+def test_a_batch_step_at_exactly_its_rows_cost_is_real_not_noise():
+    table = {**QUIET, step_key(2): 2.01 * QUIET[step_key(1)]}  # measured quiet: batch 1 has a gemv fast path
+    assert judge(rounds_of(table, table, table), FAST).ok
+
+
 def test_rounds_on_a_busy_machine_are_refused_even_when_they_agree():
     verdict = judge(rounds_of(QUIET, QUIET, QUIET, others=0.6), FAST)  # a steady job slows every round alike
     assert not verdict.ok and "0 of 3 rounds ran on a quiet machine" in verdict.reason and "60%" in verdict.reason
