@@ -17,7 +17,7 @@ from compiler.ir import AGGREGATOR, Graph
 from compiler.verify import GraphError, verify
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
-from compllm.costing import build_cost_model
+from compllm.calibration import build_cost_model, recheck_calibration
 from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
@@ -38,7 +38,7 @@ class Pipeline:
     def __init__(self, pool: ModelPool, experts: dict[str, Expert], decomposer: Decomposer,
                  router: EmbeddingRouter, aggregator: Aggregator, policy: Executor, max_answer_chars: int = 400,
                  compiler_config: CompilerConfig | None = None, cache_dir: str | None = None,
-                 retry: RetryPolicy | None = None, auto_calibrate: bool = False):
+                 retry: RetryPolicy | None = None, auto_calibrate: bool = False, show_progress: bool = False):
         self.pool, self.experts = pool, dict(experts)
         self.decomposer, self.router, self.aggregator, self.policy = decomposer, router, aggregator, policy
         self.max_answer_chars = max_answer_chars
@@ -46,6 +46,7 @@ class Pipeline:
         self.cache_dir = cache_dir
         self.retry = retry or RetryPolicy()
         self.auto_calibrate = auto_calibrate
+        self.show_progress = show_progress  # calibration's progress bar
         self.timings: dict[str, float] = {}
         self.cost: CostModel | None = None
 
@@ -70,8 +71,8 @@ class Pipeline:
         with self._stage("fit_router"):
             self.router.fit(self.experts)
         with self._stage("calibrate"):
-            self.cost = build_cost_model(self.pool, self.expert_models(), self.decomposer.model, self.cache_dir,
-                                         self.auto_calibrate)
+            self.cost = build_cost_model(self.pool, self.expert_models(), self.cache_dir, self.auto_calibrate,
+                                         self.show_progress, also=[self.decomposer.model])
 
     # --- stages -----------------------------------------------------------------------------------
     def decompose(self, ctx: ExecutionContext, queries: Sequence[str], records: list[StepRecord]) -> list[Decomposition]:
@@ -167,6 +168,7 @@ class Pipeline:
             if bar is not None:
                 bar.close()
         records += self.policy.step_records
+        recheck_calibration(self.cache_dir, plan, records, self.cost)
         memory = self.memory(plan, planner_peak)
         ids = list(graph.queries)
         result = RunResult.from_execution(self.policy.name, graph, dict(zip(ids, decompositions)),
@@ -197,6 +199,7 @@ class Pipeline:
         decompositions = {qid: pipe.queries[qid].decomposition for qid in ids}
         routes = {qid: [pipe.queries[qid].parts[sq.index][1] for sq in d.subqueries] for qid, d in decompositions.items()}
         plan = pipe.compiler.plan
+        recheck_calibration(self.cache_dir, plan, pipe.live.records, self.cost)
         result = RunResult.from_execution(
             self.policy.name, pipe.original, decompositions, routes, pipe.live.finish(pipe.original), plan,
             pipe.records + pipe.live.records, dict(self.timings), self.pool.loaded(),

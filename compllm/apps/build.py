@@ -25,4 +25,5 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         cache_dir=cfg.cache_dir,
         retry=OmegaConf.to_object(cfg.retry),
         auto_calibrate=cfg.auto_calibrate,
+        show_progress=cfg.show_progress,
     )

@@ -1,4 +1,6 @@
-"""task=calibrate: measure every configured model on this machine; later compiles use the numbers."""
+"""task=calibrate: measure every configured model on this machine again (timings and memory); later runs use the
+numbers. Noisy measurements are refused, as in automatic calibration: the reason is printed and nothing is stored.
+"""
 from __future__ import annotations
 
 import json
@@ -8,22 +10,41 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from compllm.apps.build import build_pipeline
-from compllm.costing import calibrate, calibration_key, save_calibration
+from compllm.calibration import CalibrationStore, Protocol, calibrate, describe, measure_base_bytes
+from compllm.calibration.build import import_model_code
+
+GIB, MIB = 2**30, 2**20
 
 
 def run(cfg: DictConfig, out_dir: Path, *, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     """The options come from conf/task/calibrate.yaml (task.prompt_tokens=... on the command line)."""
     pipeline = build_pipeline(cfg)
-    measured = {}
-    for alias in pipeline.model_aliases():
-        model = pipeline.pool.get(alias)
-        cost = calibrate(model, prompt_tokens, new_tokens, repeats)
-        measured[calibration_key(model)] = cost
-        print(f"{alias} ({calibration_key(model)}): weights {cost.weight_bytes / 2**20:.0f} MiB, "
-              f"KV {cost.kv_bytes_per_token / 1024:.1f} KiB/token, prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, "
-              f"decode {cost.decode_s_per_token * 1e3:.1f} ms/token, load {cost.load_s:.1f} s")
-    path = save_calibration(cfg.cache_dir, measured)
-    payload = {key: asdict(cost) for key, cost in measured.items()}
-    (out_dir / "calibration.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    print(f"calibration merged into {path}")
+    # asked for explicitly: wait longer for quiet rounds than a run's automatic calibration does
+    protocol = Protocol(prompt_tokens=prompt_tokens, decode_steps=new_tokens, min_rounds=repeats, max_seconds=300.0)
+    store = CalibrationStore(cfg.cache_dir)
+    infos = [describe(pipeline.pool, alias) for alias in pipeline.model_aliases()]
+    for info in infos:
+        import_model_code(info)
+    base = measure_base_bytes(pipeline.pool, infos)
+    print(f"base: {base / GIB:.2f} GiB resident before any model loads (imports; the router's embedder not loaded)")
+    payload: dict = {}  # key -> the measured costs (also when not stored), "stored", "note"
+    for info in dict((i.key, i) for i in infos).values():
+        result = calibrate(pipeline.pool, info, store, protocol, progress=cfg.show_progress, force=True)
+        cost, verdict = result.measured or result.cost, result.verdict
+        steps = ", ".join(f"{b}: {s * 1e3:.1f}" for b, s in (cost.decode_step_s_by_batch or {}).items()) or "n/a"
+        print(f"{info.alias} ({info.key}): {'stored' if result.stored else 'NOT stored: ' + result.note}\n"
+              f"  memory ({'measured' if result.memory_measured else 'estimated'}): weights {cost.weight_bytes / GIB:.2f}"
+              f" GiB (with tokenizer), load transient {cost.load_extra_bytes / MIB:.0f} MiB, KV "
+              f"{cost.kv_bytes_per_token / 1024:.1f} KiB/token, prefill workspace "
+              f"{cost.workspace_bytes_per_token / 1024:.1f} KiB/token\n"
+              f"  time{'' if result.stored else ' (as measured, noisy)'}: prefill {cost.prefill_s_per_token * 1e3:.2f}"
+              f" ms/token, decode step by batch (ms) {steps}, load {cost.load_s or 0:.1f} s")
+        if verdict is not None:
+            others = "n/a" if verdict.others_cpu is None else f"{verdict.others_cpu:.0%}"
+            print(f"  measured in {verdict.seconds:.0f} s: {verdict.rounds} rounds ({verdict.clean_rounds} quiet), "
+                  f"spread {verdict.spread:.2f}x, other processes' CPU share up to {others}")
+        payload[info.key] = {**asdict(cost), "stored": result.stored, "note": result.note}
+    (out_dir / "calibration.json").write_text(json.dumps({"base_bytes": base, "models": payload}, indent=2),
+                                              encoding="utf-8")
+    print(f"calibration file: {store.path}")
     return payload

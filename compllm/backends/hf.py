@@ -55,7 +55,9 @@ class HFModel:
     def __init__(self, name: str, path: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None,
                  revision: str | None = None, decode_matmul: str = "auto"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from compllm.backends.weights import load_causal_lm
 
         if dtype not in DTYPES:
             raise BackendError(f"model {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -72,7 +74,7 @@ class HFModel:
         kwargs = {k: v for k, v in (("gguf_file", gguf_file), ("revision", revision)) if v}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype), **kwargs)
+            self.model = load_causal_lm(path, getattr(torch, self.dtype), **kwargs)  # no mapped bf16 copy held
         except OSError as exc:
             raise BackendError(f"model {name!r}: cannot load weights from {path!r}: {exc}") from exc
         self.model.to(self.device).eval()

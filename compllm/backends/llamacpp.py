@@ -254,7 +254,7 @@ class LlamaCppModel:
 
     def calibrate(self, prompt_tokens: int = 256, new_tokens: int = 32, repeats: int = 3,
                   batch_sizes: Sequence[int] = (1, 2, 3, 4, 6, 8)):
-        """This backend's `compiler.cost.ModelCost`, measured like `compllm.costing.calibrate` measures the hf
+        """This backend's `compiler.cost.ModelCost`, measured like `compllm.calibration` measures the hf
         backend (minimum over `repeats` rounds after a warm-up; prefill s/token at batch 1, decode step by batch).
 
         Memory: the KV cache is allocated in full at load, so `weight_bytes` is `resident_bytes` and
