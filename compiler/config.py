@@ -37,6 +37,10 @@ class CompilerConfig:
     disabled: List[str] = field(default_factory=list)
     # Bytes the whole process may hold (runtime base + resident weights + running calls); None = unlimited.
     memory_budget: Optional[int] = None
+    # Fraction of the budget kept free when planning: the planned peak of a real process is an estimate (measured
+    # within a few percent of its peak, README "Memory"), so plans fit budget x (1 - headroom). 0 here (the
+    # compiler's own arithmetic is exact); conf/compiler/default.yaml sets 0.05 for real runs.
+    memory_headroom: float = 0.0
     max_batch_size: int = 8  # rows that decode together (live rows of one generate call)
     # Nodes one generate call may carry: beyond max_batch_size they join as rows finish (continuous refill, so
     # a long answer never decodes alone while work waits). None = max_batch_size (no refill).
@@ -50,10 +54,19 @@ class CompilerConfig:
     dump: bool = False  # keep an IR text dump after every pass in the compile report
     dump_dir: Optional[str] = None  # also write those dumps as files there
 
+    @property
+    def planning_budget(self) -> Optional[int]:
+        """The bytes plans are fitted into: the budget less its headroom."""
+        if self.memory_budget is None:
+            return None
+        return int(self.memory_budget * (1.0 - self.memory_headroom))
+
     def validate(self) -> None:
         """Field ranges (the pass pipeline itself is checked by `compiler.pass_manager.check_pipeline`)."""
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ConfigError(f"memory_budget must be positive bytes or None, got {self.memory_budget!r}")
+        if not 0.0 <= self.memory_headroom < 0.5:
+            raise ConfigError(f"memory_headroom must be in [0, 0.5), got {self.memory_headroom!r}")
         if self.max_batch_size < 1 or self.fuse_max_chain < 2 or self.streams < 1:
             raise ConfigError("max_batch_size and streams must be >= 1, fuse_max_chain >= 2")
         if self.max_call_size is not None and self.max_call_size < 1:

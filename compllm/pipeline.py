@@ -24,7 +24,7 @@ from compllm.frontend.router import EmbeddingRouter, Route
 from compllm.runtime.context import ExecutionContext
 from compllm.runtime.executor import Executor
 from compllm.runtime.faults import CallOutcome, RetryPolicy
-from compllm.runtime.memory import peak_memory_bytes
+from compllm.runtime.memory import peak_memory_bytes, start_run_window, window_peak_bytes
 from compllm.runtime.prompts import Aggregator
 from compllm.runtime.result import RunResult
 from compllm.runtime.trace import StepRecord
@@ -49,6 +49,7 @@ class Pipeline:
         self.show_progress = show_progress  # calibration's progress bar
         self.timings: dict[str, float] = {}
         self.cost: CostModel | None = None
+        self.setup_peak_bytes = 0
 
     @contextmanager
     def _stage(self, name: str):
@@ -73,6 +74,8 @@ class Pipeline:
         with self._stage("calibrate"):
             self.cost = build_cost_model(self.pool, self.expert_models(), self.cache_dir, self.auto_calibrate,
                                          self.show_progress, also=[self.decomposer.model])
+        self.setup_peak_bytes = peak_memory_bytes()
+        start_run_window()
 
     # --- stages -----------------------------------------------------------------------------------
     def decompose(self, ctx: ExecutionContext, queries: Sequence[str], records: list[StepRecord]) -> list[Decomposition]:
@@ -207,7 +210,9 @@ class Pipeline:
         return result, pipe.original
 
     def memory(self, plan: Plan, planner_peak: int) -> dict[str, Any]:
-        return {"measured_peak_bytes": peak_memory_bytes(),
+        return {"measured_peak_bytes": window_peak_bytes(),
+                "setup_peak_bytes": self.setup_peak_bytes,  # router fit + calibration, once per process
+                "process_peak_bytes": peak_memory_bytes(),
                 "planned_peak_bytes": max(plan.peak_planned_bytes, planner_peak),
                 "planned_plan_peak_bytes": plan.peak_planned_bytes, "planned_planner_peak_bytes": planner_peak,
                 "budget_bytes": self.compiler_config.memory_budget}

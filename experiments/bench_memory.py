@@ -207,7 +207,7 @@ def main() -> int:
     result = run_result.to_dict()
     result.pop("trace", None)
 
-    aliases = list(dict.fromkeys(experts_to_alias.values()))
+    aliases = list(dict.fromkeys(pipeline.expert_models().values()))
     if loads:  # loaded here: what the load really kept and its transient
         weights = sum(w["kept"] for w in loads.values())
         load_extra = max(w["peak"] - w["end"] for w in loads.values())

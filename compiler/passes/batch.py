@@ -60,7 +60,7 @@ def kv_limit(cost: CostModel, model: str, budget: Optional[int], cap: Optional[i
 def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optional[int] = None) -> tuple[Batch, ...]:
     """Calls of at most `call_size` nodes (None: `max_size`), at most `max_size` of them decoding at once."""
     call_size = max(max_size, call_size or max_size)
-    cost, budget, cap = ctx.cost, ctx.config.memory_budget, ctx.config.max_batch_kv_bytes
+    cost, budget, cap = ctx.cost, ctx.config.planning_budget, ctx.config.max_batch_kv_bytes
     levels = topo_levels(graph, ctx.done)
     groups: dict[tuple[int, str], list[str]] = {}
     tokens_of: dict[str, tuple[int, int]] = {}

@@ -72,7 +72,7 @@ def residency(graph: Graph, ctx: PassContext) -> Graph:
     batches = graph.annotations["batches"]
     order = graph.annotations["schedule"].order
     out = graph.copy()
-    out.annotations["residency"] = build_residency(batches, order, ctx.cost, ctx.config.memory_budget,
+    out.annotations["residency"] = build_residency(batches, order, ctx.cost, ctx.config.planning_budget,
                                                    ctx.config.residency, ctx.resident)
     return out
 

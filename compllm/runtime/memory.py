@@ -120,6 +120,32 @@ def _cuda(device: str):
     return None
 
 
+def start_run_window() -> None:
+    """Begin the run's own peak window (after the one-time stages: router fit, calibration), so the run's measured
+    peak compares with the plan's; the process peak so far stays in `run_peak_rss_bytes`. Not on GPUs."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    global _window_open
+    import gc
+
+    gc.collect()
+    release_free_heap()  # what calibration freed goes back to the kernel, so the window starts at what is held
+    _window_open = reset_peak()
+
+
+_window_open = False
+
+
+def window_peak_bytes() -> int:
+    """Peak since `start_run_window` (GPU: torch's peak allocation); the process peak where no window opened."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return peak_rss_bytes() if _window_open else run_peak_rss_bytes()
+
+
 def peak_memory_bytes() -> int:
     """GPU: torch's peak allocation on the current device; CPU: the process's peak RSS since it started."""
     torch = sys.modules.get("torch")  # never import torch just to ask: a process without it used no GPU
