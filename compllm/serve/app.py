@@ -168,7 +168,7 @@ def parse(body: bytes) -> schemas.ChatRequest:
     try:
         return schemas.ChatRequest.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc.errors()) from None
+        raise validation_error(exc.errors(), schemas.FIELDS) from None
 
 
 def check_open(service: Service) -> None:

@@ -23,10 +23,11 @@ def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_
     return APIError(400, message, param=param, code=code)
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """pydantic's first complaint, with the field path (`messages.0.content`) as `param`."""
+def validation_error(errors: list[dict[str, Any]], fields: frozenset[str]) -> APIError:
+    """pydantic's first complaint, with the field path (`messages.0.content`) as `param`: list indexes and the
+    request's `fields`, not the union members pydantic tried (`str`, `list[TextPart]`)."""
     first = errors[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    param = ".".join(str(p) for p in first.get("loc", ()) if isinstance(p, int) or p in fields) or None
     if first.get("type") == "missing":
         return bad_request(f"'{param}' is required: send a JSON object such as "
                            '{"model": ..., "messages": [{"role": "user", "content": "your question"}]}',

@@ -59,6 +59,9 @@ class ChatRequest(BaseModel):
         return text, len(self.messages) - 1
 
 
+FIELDS = frozenset(name for model in (TextPart, Message, StreamOptions, ChatRequest) for name in model.model_fields)
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
