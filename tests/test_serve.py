@@ -202,8 +202,9 @@ def test_server_runs_concurrent_requests_in_one_plan(server):
         t.join()
     a, b = out[0], out[1]
     assert a["query_id"] != b["query_id"]
-    # their planner rows (and parts) ran together: one running plan, one engine batch
-    assert b["query_id"] in a["overlapping_queries"] and a["query_id"] in b["overlapping_queries"]
+    # their planner rows (and parts) ran at the same time in one running plan; the request answered last sees
+    # the other's calls complete (the first may be answered while the other's planner call still runs)
+    assert b["query_id"] in a["overlapping_queries"] or a["query_id"] in b["overlapping_queries"]
     assert metric(server.metrics(), "compllm_plan_increments_total") >= before + 2
 
 

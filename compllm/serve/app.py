@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -300,17 +300,26 @@ async def stream(service: Service, req: schemas.ChatRequest, text: str, ignored:
     try:
         yield sse(schemas.chunk(cid, model, created, {"role": "assistant", "content": ""}))
         ticket = await until(asking, deadline, None)
-        seen: set[str] = set()
+        seen: set[int] = set()
+
+        def progress() -> Iterator[bytes]:
+            """A chunk for each part that has ended since the last call (in part order)."""
+            for part in service.parts(ticket.qid):
+                if part["status"] != "pending" and part["index"] not in seen:
+                    seen.add(part["index"])
+                    yield sse(schemas.chunk(cid, model, created, compllm={"event": "part", **part}))
+
         while (event := await next_event(ticket, deadline, None)).kind != "done":
             if event.kind == "text":
                 written = event.text.lstrip()
                 if written.startswith(sent) and len(written) > len(sent):
                     yield content(written[len(sent):])
-            elif event.kind == "node" and req.compllm_progress and event.node_id not in seen:
-                seen.add(event.node_id)
-                parts = {f"{ticket.qid}:{p['index']}": p for p in service.parts(ticket.qid)}
-                if event.node_id in parts:
-                    yield sse(schemas.chunk(cid, model, created, compllm={"event": "part", **parts[event.node_id]}))
+            elif event.kind == "node" and req.compllm_progress:
+                for item in progress():
+                    yield item
+        if req.compllm_progress:  # parts answered by another query's identical node send no event of their own
+            for item in progress():
+                yield item
         result = await service.result(ticket.qid)
         finished = True
         final = result.final_answer
