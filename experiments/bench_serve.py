@@ -27,6 +27,7 @@ import os
 import random
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def main() -> None:
         if all(k in done for k in wanted):
             continue
         extra = [f"model={args.model}"] if args.model else []
-        log = out.parent / f"bench_serve_{mode}.log"
+        log = Path(tempfile.mkdtemp(prefix=f"bench_serve_{mode}_")) / "server.log"
         server = ServerProcess([*extra, *overrides, "serve.api_key_env=null", "serve.request_timeout_s=600"], log)
         server.start()
         try:
