@@ -57,17 +57,22 @@ class _Query:
     text: str
     parts: dict[int, tuple[SubQuery, Route]] = field(default_factory=dict)  # admitted parts
     decomposition: Decomposition | None = None
+    nodes: list[str] = field(default_factory=list)  # its nodes in the original graph
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class OnlinePipe:
     """A running composed team: `ask` queries (from any thread), `result` their answers, `close` to drain."""
 
-    def __init__(self, pipeline: Any, progress: Any = None, on_done: Callable[[str], None] | None = None):
+    def __init__(self, pipeline: Any, progress: Any = None, on_done: Callable[[str], None] | None = None,
+                 on_node: Callable[[str, NodeResult], None] | None = None,
+                 on_text: Callable[[str, str], None] | None = None):
+        """`on_done(query id)` once a query's final answer exists; `on_node(node id, result)` as each node ends;
+        `on_text(node id, text so far)` as a final-answer node's reply is written (all from runtime threads)."""
         pipeline.prepare()
         self.p = pipeline
         self.ctx = pipeline.context()
-        self.on_done = on_done
+        self.on_done, self.on_node = on_done, on_node
         cost = dataclasses.replace(pipeline.cost, base_bytes=pipeline.cost.base_bytes + planner_overlap_bytes(pipeline))
         self.compiler = OnlineCompiler(cost, pipeline.compiler_config,
                                        resident={m: 0 for m in pipeline.pool.loaded()})
@@ -77,6 +82,7 @@ class OnlinePipe:
         self.marks: list[Mark] = []  # when each part was parsed
         self.compile_seconds = 0.0
         self.route_seconds = 0.0
+        self.increments = 0  # plan increments submitted to the running plan
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._limits = BuildLimits(pipeline.decomposer.max_subqueries,
@@ -84,7 +90,7 @@ class OnlinePipe:
         self._parts: queue.Queue = queue.Queue()  # (query id, part) from the planner's stream, admitted in order
         self._admitter = threading.Thread(target=self._admit_loop, name="compllm-admit", daemon=True)
         self._admitter.start()
-        self.live = pipeline.policy.start(self.ctx, progress, on_answer=self._answered)
+        self.live = pipeline.policy.start(self.ctx, progress, on_answer=self._answered, on_text=on_text)
 
     # --- asking -------------------------------------------------------------------------------------
     def ask(self, texts: Sequence[str], stream: bool = True) -> list[str]:
@@ -110,6 +116,20 @@ class OnlinePipe:
         if not self.queries[qid].done.wait(timeout):
             return None
         return self._query_result(qid)
+
+    def cancel(self, qid: str) -> None:
+        """The asker went away: the query's nodes that have not started are skipped (started steps finish)."""
+        self.live.cancel(qid)
+
+    def parts(self, qid: str) -> list[tuple[SubQuery, str, NodeResult | None]]:
+        """The query's admitted parts so far: (part, expert, its result once its node has ended)."""
+        q = self.queries[qid]
+        out = []
+        with self.live.lock:
+            for index, (sq, route) in sorted(q.parts.items()):
+                nid = node_id(qid, index)
+                out.append((sq, route.expert, self.live.results.get(self.live.aliases.get(nid, nid))))
+        return out
 
     def close(self) -> None:
         """No more queries: wait for every step to finish."""
@@ -169,6 +189,7 @@ class OnlinePipe:
         with self._lock:
             for node in nodes:
                 self.original.add(node)
+                q.nodes.append(node.id)
             self.compiler.add(nodes)
             self._compile()
 
@@ -184,6 +205,7 @@ class OnlinePipe:
                               self.p.final_answer(decomposition))
         with self._lock:
             self.original.add(sink)
+            q.nodes.append(sink.id)
             self.original.add_query(Query(qid, decomposition.query, sink.id))
             self.compiler.add([sink], [Query(qid, decomposition.query, sink.id)])
             self._compile()
@@ -197,10 +219,13 @@ class OnlinePipe:
         steps = self.compiler.compile()
         self.compile_seconds += time.perf_counter() - start
         if steps:
+            self.increments += 1
             self.live.submit(steps, self.compiler.graph, self.compiler.plan.aliases)
 
     # --- answers ---------------------------------------------------------------------------------------
     def _answered(self, nid: str, result: NodeResult) -> None:
+        if self.on_node is not None:
+            self.on_node(nid, result)
         qid = result.query_id
         if qid in self.queries and nid == node_id(qid, "agg"):
             self.queries[qid].done.set()
@@ -208,7 +233,13 @@ class OnlinePipe:
                 self.on_done(qid)
 
     def _query_result(self, qid: str) -> QueryResult:
+        """Read from the query's own nodes, under the locks: other queries' parts keep arriving meanwhile."""
         q = self.queries[qid]
         routes = [q.parts[sq.index][1] for sq in q.decomposition.subqueries]
-        results = self.live.finish(self.original)
-        return query_result(qid, q.text, node_id(qid, "agg"), q.decomposition, routes, self.original, results, 0.0)
+        own = Graph()
+        with self._lock:
+            for nid in q.nodes:
+                own.add(self.original.nodes[nid])
+        with self.live.lock:
+            results = self.live.finish(own)
+        return query_result(qid, q.text, node_id(qid, "agg"), q.decomposition, routes, own, results, 0.0)

@@ -45,7 +45,7 @@ def make_task(node: DictConfig) -> Callable[[DictConfig, Path], Any]:
         return hydra.utils.instantiate(node)
     except InstantiationException as exc:
         raise UsageError(f"task._target_={node.get('_target_')!r} cannot be loaded ({one_line(exc)}); "
-                         f"pick a task: task=query, task=explain, task=calibrate or task=bench") from None
+                         f"pick a task: task=query, task=explain, task=calibrate, task=bench or task=serve") from None
 
 
 def run_task(cfg: DictConfig, out_dir: Path) -> Any:

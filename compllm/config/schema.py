@@ -24,6 +24,7 @@ from compllm.backends.openai_server import ServerConfig
 from compllm.experts import Expert
 from compllm.runtime.faults import RetryPolicy
 from compllm.runtime.prompts import Aggregator
+from compllm.serve.config import ServeConfig
 
 
 class Backend(str, Enum):
@@ -131,10 +132,16 @@ class BenchTaskConfig(TaskConfig):
     chunk_size: int = 8  # items compiled and run together
 
 
+@dataclass
+class ServeTaskConfig(TaskConfig):
+    """task=serve: its options are the `serve:` node (conf/serve/default.yaml)."""
+
+
 # One schema per task option, stored as `task/<name>_schema`: each conf/task/<name>.yaml lists it in its defaults,
 # so a key another task owns (task.limit under task=query) fails at compose time, naming the schema.
 TASK_SCHEMAS: Dict[str, type] = {"query": QueryTaskConfig, "explain": ExplainTaskConfig,
-                                 "calibrate": CalibrateTaskConfig, "bench": BenchTaskConfig}
+                                 "calibrate": CalibrateTaskConfig, "bench": BenchTaskConfig,
+                                 "serve": ServeTaskConfig}
 
 
 @dataclass
@@ -148,6 +155,7 @@ class CompllmConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     task: TaskConfig = field(default_factory=TaskConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # task=serve: the HTTP server (conf/serve/)
     benchmark: Optional[Dict[str, Any]] = None  # task=bench: {name, loader: a `_target_` returning BenchItems}
     system: Optional[Dict[str, Any]] = None  # task=bench: a `_target_` system (compllm/bench/systems.py)
     experiment_name: Optional[str] = None  # set by conf/experiment/*: names the sweep dir

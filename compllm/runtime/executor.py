@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Protocol
 
 from compiler.chains import split_answer
-from compiler.ir import Graph, Node
+from compiler.ir import Graph, Node, NodeKind
 from compiler.plan import Plan, Step, StepKind
 from compiler.walker import PlanWalker
 from compllm.runtime.context import ExecutionContext
@@ -56,9 +56,10 @@ class PlanExecutor:
         return run.finish(original)
 
     def start(self, ctx: ExecutionContext, progress: Any = None,
-              on_answer: Callable[[str, NodeResult], None] | None = None) -> "LiveRun":
+              on_answer: Callable[[str, NodeResult], None] | None = None,
+              on_text: Callable[[str, str], None] | None = None) -> "LiveRun":
         """An execution that accepts plan increments while it runs (online compilation, serving)."""
-        run = LiveRun(ctx, progress, barrier=self.barrier, on_answer=on_answer)
+        run = LiveRun(ctx, progress, barrier=self.barrier, on_answer=on_answer, on_text=on_text)
         run.start()
         return run
 
@@ -67,17 +68,25 @@ class LiveRun:
     """One plan execution, fed steps (the whole plan, or increments of it) and run by a coordinator: it asks the
     shared walker which steps may start and hands each to its stream's worker thread; a step is done when its
     work has really ended. Events (new steps, finished steps, closing) go through one queue, so the coordinator
-    is the only one that touches the walker."""
+    is the only one that touches the walker.
+
+    `cancel(query_id)`: the query's nodes that have not started are skipped when their step comes (a started
+    step finishes); a node another live query also needs (deduplicated or fused with it) still runs.
+    `on_text(node id, text so far)`: the final-answer nodes' replies, streamed as they are written."""
 
     def __init__(self, ctx: ExecutionContext, progress: Any = None, barrier: bool = False,
-                 on_answer: Callable[[str, NodeResult], None] | None = None):
-        self.ctx, self.progress, self.barrier, self.on_answer = ctx, progress, barrier, on_answer
+                 on_answer: Callable[[str, NodeResult], None] | None = None,
+                 on_text: Callable[[str, str], None] | None = None):
+        self.ctx, self.progress, self.barrier = ctx, progress, barrier
+        self.on_answer, self.on_text = on_answer, on_text
         self.graph = Graph()
         self.aliases: dict[str, str] = {}
         self.results: dict[str, NodeResult] = {}
         self.records: list[StepRecord] = []
         self.lock = threading.Lock()
         self.parts_of: dict[str, list[str]] = {}  # fused node -> its part nodes
+        self.cancelled: set[str] = set()  # query ids whose not-started nodes are skipped
+        self._aliased_to: dict[str, set[str]] = {}  # kept node -> the deduplicated nodes it answers for
         self._events: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -92,6 +101,11 @@ class LiveRun:
     def close(self) -> None:
         """No more steps will come: the run ends once every submitted step is done."""
         self._events.put(("close",))
+
+    def cancel(self, query_id: str) -> None:
+        """Skip the query's nodes that have not started (a client went away, a deadline passed)."""
+        with self.lock:
+            self.cancelled.add(query_id)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.wait, name="compllm-coordinator", daemon=True)
@@ -126,6 +140,8 @@ class LiveRun:
         with self.lock:
             self.graph = graph
             self.aliases.update(aliases)
+            for removed, kept in aliases.items():
+                self._aliased_to.setdefault(kept, set()).add(removed)
             self.parts_of = {}
             for node in graph:
                 if node.part_of is not None:
@@ -195,14 +211,27 @@ class LiveRun:
                 self.records.append(StepRecord(step.id, step.kind.value, step.model, step.stream, start,
                                                self.ctx.now(), step.nodes, step.slots))
 
+    def _is_cancelled(self, node_id: str) -> bool:
+        """Every query the node answers for (its own, its fused parts', its deduplicated twins') is cancelled."""
+        if not self.cancelled:
+            return False
+        ids = [node_id, *self.parts_of.get(node_id, ())]
+        ids += [twin for nid in ids for twin in self._aliased_to.get(nid, ())]
+        owners = {self.graph.nodes[nid].provenance.query_id if nid in self.graph.nodes
+                  and self.graph.nodes[nid].provenance else nid.split(":", 1)[0] for nid in ids}
+        return owners <= self.cancelled
+
     def _host(self, step: Step) -> None:
         with self.lock:
             for node_id in step.nodes:
                 node = self.graph.nodes[node_id]
                 res = self.results[node_id] = self.ctx.new_result(node, "")
                 res.start = self.ctx.now()
-                res.answer, res.error = run_host(node, self.results)
-                res.status = "ok" if not res.error else "failed"
+                if self._is_cancelled(node_id):
+                    res.status, res.error = "skipped", "cancelled"
+                else:
+                    res.answer, res.error = run_host(node, self.results)
+                    res.status = "ok" if not res.error else "failed"
                 res.end = self.ctx.now()
         self._advance(step)
         self._announce(step.nodes)
@@ -214,7 +243,7 @@ class LiveRun:
                 node = self.graph.nodes[node_id]
                 res = self.results[node_id] = self.ctx.new_result(node, step.model)
                 res.start = self.ctx.now()
-                blocked = self.ctx.blocked_by(node, self.results)
+                blocked = "cancelled" if self._is_cancelled(node_id) else self.ctx.blocked_by(node, self.results)
                 if blocked:
                     res.status, res.error, res.end = "skipped", blocked, res.start
                     self._skip_parts(node, res)
@@ -222,8 +251,11 @@ class LiveRun:
                     runnable.append((node, res))
             requests = [self.ctx.request(self.graph, node, self.results) for node, _ in runnable]
         if requests:
+            on_text = None
+            if self.on_text is not None and any(n.kind is NodeKind.AGGREGATE for n, _ in runnable):
+                on_text = lambda row, text: self.on_text(runnable[row][0].id, text)  # noqa: E731
             outcomes = self.ctx.generate(step.model, requests, [self.ctx.policy(n) for n, _ in runnable], step.id,
-                                         step.slots)
+                                         step.slots, on_text)
             with self.lock:
                 end = self.ctx.now()
                 for (node, res), request, outcome in zip(runnable, requests, outcomes):
