@@ -24,6 +24,7 @@ from compllm.calibration import (
     recheck_calibration,
 )
 from compllm.calibration import measure
+from compllm.models.cache import write_checked_json
 from compllm.calibration.measure import PREFILL, Round, judge, run_rounds, step_key
 from compllm.runtime.trace import StepRecord
 
@@ -223,22 +224,32 @@ def test_garbled_file_is_ignored_then_replaced(tmp_path, caplog):
     store.path.write_text('{"fake|cpu": {"weight_bytes": 12', encoding="utf-8")
     with caplog.at_level(logging.WARNING):
         assert store.entries() == {}
-    assert "unreadable calibration file" in caplog.text
+    assert "it is not JSON" in caplog.text
     cost = ModelCost(100, 10, 0.001, 0.01)
     store.save("k", cost)
     assert store.get("k").cost == cost
 
 
+def test_a_file_whose_bytes_changed_fails_its_checksum_and_is_measured_again(tmp_path, caplog):
+    store = CalibrationStore(str(tmp_path))
+    store.save("k", ModelCost(100, 10, 0.001, 0.01))
+    store.path.write_text(store.path.read_text(encoding="utf-8").replace('"weight_bytes": 100', '"weight_bytes": 900'),
+                          encoding="utf-8")  # valid JSON, wrong numbers: a silent wrong plan unless checked
+    with caplog.at_level(logging.WARNING):
+        assert store.entries() == {}
+    assert "checksum" in caplog.text or "sha256" in caplog.text
+
+
 def test_garbled_entry_is_ignored_and_old_entries_are_measured_again(tmp_path, caplog):
     store = CalibrationStore(str(tmp_path))
     good = {"weight_bytes": 100, "kv_bytes_per_token": 10, "prefill_s_per_token": 0.001, "decode_s_per_token": 0.01}
-    store.path.write_text(json.dumps({
+    write_checked_json(store.path, {
         "good": {**good, "protocol": 2},
         "negative": {**good, "decode_s_per_token": -1, "protocol": 2},
         "wrong type": {**good, "weight_bytes": "lots", "protocol": 2},
         "not a dict": [1, 2],
         "old": good,  # protocol 1: no memory numbers
-    }), encoding="utf-8")
+    })
     with caplog.at_level(logging.WARNING):
         assert list(store.entries()) == ["good"]
     assert caplog.text.count("ignoring") == 3

@@ -11,7 +11,6 @@ helpers (payload + sha256) without touching anything else.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +19,7 @@ from typing import Any, Iterator, Mapping
 
 from compiler.cost import ModelCost
 from compiler.errors import ConfigError
-from compllm.models.cache import atomic_write_text, cache_root
+from compllm.models.cache import cache_root, read_checked_json, write_checked_json
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +34,21 @@ def calibration_path(cache_dir: str | None) -> Path:
 
 
 def _read_file(path: Path) -> dict[str, Any] | None:
-    """The file's JSON object; None (and a WARNING) when it is unreadable or not a JSON object, {} when absent."""
+    """The file's JSON object; None (and a WARNING) when it is unreadable, fails its checksum or is not an object
+    (it is rewritten at the next calibration), {} when absent."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable calibration file %s (%s); it is rewritten at the next calibration", path, exc)
-        return None
-    if not isinstance(data, dict):
+    data = read_checked_json(path)  # WARNs with the reason when it returns None
+    if data is not None and not isinstance(data, dict):
         log.warning("ignoring calibration file %s: not a JSON object; it is rewritten at the next calibration", path)
         return None
     return data
 
 
 def _write_file(path: Path, data: Mapping[str, Any]) -> None:
-    """Atomically: readers see the old file or the new one, never half of one."""
+    """Atomically and with its checksum: readers see the old file or the new one, never half or a garbled one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+    write_checked_json(path, dict(data))
 
 
 @dataclass(frozen=True)
