@@ -91,6 +91,7 @@ class OnlinePipe:
         self._admitter = threading.Thread(target=self._admit_loop, name="compllm-admit", daemon=True)
         self._admitter.start()
         self.live = pipeline.policy.start(self.ctx, progress, on_answer=self._answered, on_text=on_text)
+        self.live.on_step = self._on_step
 
     # --- asking -------------------------------------------------------------------------------------
     def ask(self, texts: Sequence[str], stream: bool = True) -> list[str]:
@@ -134,6 +135,8 @@ class OnlinePipe:
     def close(self) -> None:
         """No more queries: wait for every step to finish."""
         self._parts.join()
+        with self._lock:
+            self._compile(force=True)
         self.live.close()
         self.live.join()
 
@@ -214,13 +217,24 @@ class OnlinePipe:
         return RoutedSubQuery(sq.index, sq.text, sq.depends_on, route.expert, sq.answer_type, route.score,
                               route.routed_by, self.p.experts[route.expert].max_new_tokens)
 
-    def _compile(self) -> None:
+    def _compile(self, force: bool = False) -> None:
+        """Compile what was admitted into the next plan increment, unless the streams still have steps waiting
+        (then the arrivals wait and are batched together: they could not start sooner anyway). Re-tried as every
+        step starts and ends (`LiveRun.on_step`); a full call's worth of nodes, or `force`, compiles at once."""
+        if not self.compiler.pending:
+            return
+        if not force and self.compiler.pending < self.p.compiler_config.max_batch_size and self.live.backlog():
+            return
         start = time.perf_counter()
         steps = self.compiler.compile()
         self.compile_seconds += time.perf_counter() - start
         if steps:
             self.increments += 1
             self.live.submit(steps, self.compiler.graph, self.compiler.plan.aliases)
+
+    def _on_step(self) -> None:
+        with self._lock:
+            self._compile()
 
     # --- answers ---------------------------------------------------------------------------------------
     def _answered(self, nid: str, result: NodeResult) -> None:

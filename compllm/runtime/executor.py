@@ -91,6 +91,13 @@ class LiveRun:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._finished = threading.Event()
+        self._not_started: set[str] = set()  # generate steps submitted and not started yet
+        self.on_step: Callable[[], None] | None = None  # called as a step starts and as it ends (online batching)
+
+    def backlog(self) -> int:
+        """Generate steps submitted that have not started: work the streams already have waiting."""
+        with self.lock:
+            return len(self._not_started)
 
     # --- feeding ------------------------------------------------------------------------------
     def submit(self, steps: list[Step], graph: Graph, aliases: Mapping[str, str] | None = None) -> None:
@@ -146,6 +153,7 @@ class LiveRun:
             for node in graph:
                 if node.part_of is not None:
                     self.parts_of.setdefault(node.part_of, []).append(node.id)
+            self._not_started.update(s.id for s in steps if s.kind is StepKind.GENERATE)
         self._pending_steps.extend(steps)
         return True
 
@@ -196,6 +204,10 @@ class LiveRun:
     # --- steps --------------------------------------------------------------------------------
     def execute(self, step: Step) -> None:
         start = self.ctx.now()
+        with self.lock:
+            self._not_started.discard(step.id)
+        if self.on_step is not None:
+            self.on_step()
         try:
             if step.kind is StepKind.LOAD:
                 self.ctx.pool.get(step.model)
@@ -210,6 +222,8 @@ class LiveRun:
             with self.lock:
                 self.records.append(StepRecord(step.id, step.kind.value, step.model, step.stream, start,
                                                self.ctx.now(), step.nodes, step.slots))
+            if self.on_step is not None:
+                self.on_step()
 
     def _is_cancelled(self, node_id: str) -> bool:
         """Every query the node answers for (its own, its fused parts', its deduplicated twins') is cancelled."""
