@@ -94,10 +94,12 @@ class OnlinePipe:
         self.live.on_step = self._on_step
 
     # --- asking -------------------------------------------------------------------------------------
-    def ask(self, texts: Sequence[str], stream: bool = True) -> list[str]:
+    def ask(self, texts: Sequence[str], stream: bool | None = None) -> list[str]:
         """Start answering `texts` (one planner call for all of them); returns their query ids at once after
-        the planner call. Parts are compiled into the running plan as the planner writes them (`stream`)."""
+        the planner call. Parts are compiled into the running plan as the planner writes them (`stream`; None:
+        `decomposer.stream`), else when its answer is complete."""
         d = self.p.decomposer
+        stream = d.stream if stream is None else stream
         ids = [f"q{next(self._ids)}" for _ in texts]
         for qid, text in zip(ids, texts):
             self.queries[qid] = _Query(qid, text)
