@@ -108,6 +108,11 @@ def test_prefix_reuse_changes_the_work_not_the_tokens(compose, model_cache):
     computed = model.stats.extra["prefill_tokens_computed"]
     assert model.stats.extra["prefill_tokens_reused"] == sum(g.cached_tokens for g in got)
     assert computed + sum(g.cached_tokens for g in got) == sum(g.prompt_tokens for g in got)
+    # the phase timers: prefill counts the computed prompt tokens, decode one token per live row per step
+    assert model.stats.prefill_tokens == computed and model.stats.prefill_seconds > 0
+    # (a row's last token is fed again only when it did not end the row: an end of sequence comes from its logits)
+    assert sum(g.output_tokens - 1 for g in got) <= model.stats.decode_tokens <= sum(g.output_tokens for g in got)
+    assert model.stats.decode_seconds > 0
     again = model.generate([ask("What is a lien?", 8, system=SYSTEM)])[0]  # a later call reuses the cached prefix
     assert again.cached_tokens >= shared
     assert again.text == plain_text(compose, model_cache, ask("What is a lien?", 8, system=SYSTEM))

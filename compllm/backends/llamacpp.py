@@ -398,7 +398,9 @@ class LlamaCppModel:
                 on_text: OnText | None = None) -> int:
         """Run every row to its end; returns how many prompt tokens were computed (the rest were reused)."""
         unified = self.settings.kv_unified
+        started = time.perf_counter()
         computed = self._prepare_prefix([r.ids for r in rows], cancel) if self.settings.prefix_cache else 0
+        self._timed("prefill", started, computed)
         charge = computed  # prefix tokens computed for this call: counted as computed by the first row (every row
         # reuses at least the whole new prefix), so the rows' cached_tokens add up to the call's reused tokens
         pending = list(rows)  # admitted in request order
@@ -450,12 +452,23 @@ class LlamaCppModel:
             # in seq id order: llama.cpp puts only consecutive sequence ids (per-sequence KV) into one ubatch
             steps = [(row, [row.tokens[-1]]) for row in sorted(live, key=lambda r: r.seq)]
             prompts = [(row, row.ids[row.reused:]) for row in joining]
-            if unified:  # everything in one batch: one pass over the weights
+            if unified:  # everything in one batch: one pass over the weights (timed as prefill if it has prompts)
+                started = time.perf_counter()
                 self._run(steps + prompts, cancel)
+                self._timed("prefill" if prompts else "decode", started,
+                            sum(len(t) for _, t in prompts) or len(steps))
             else:  # each prompt alone, so its pieces are the same whatever else is running
                 for item in ([steps] if steps else []) + [[p] for p in prompts]:
+                    started = time.perf_counter()
                     self._run(item, cancel)
+                    self._timed("decode" if item is steps else "prefill", started, sum(len(t) for _, t in item))
             live = live + joining
+
+    def _timed(self, phase: str, started: float, tokens: int) -> None:
+        """Add llama_decode time to the prefill or decode totals of `stats` (called under the generate lock)."""
+        if tokens:
+            setattr(self.stats, f"{phase}_seconds", getattr(self.stats, f"{phase}_seconds") + time.perf_counter() - started)
+            setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + tokens)
 
     def _copy_prefix(self, row: _Row) -> None:
         if not row.reused:
