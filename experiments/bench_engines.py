@@ -94,7 +94,9 @@ class Engines:
         self.pipelines = {}
         for name in engines:
             pipeline = build_pipeline(compose([f"model={ENGINES[name]}"]))
-            pipeline.prepare()  # loads the model (and calibrates llama.cpp once if the cache has no entry)
+            pipeline.prepare()  # the cost model (calibrates llama.cpp once if the cache has no entry)
+            for alias in pipeline.expert_models().values():  # loaded now, not inside the first timed run
+                pipeline.pool.get(alias)
             self.pipelines[name] = pipeline
         self.policies, self.plans = {}, {}
 
@@ -390,6 +392,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "llamacpp"])
     ap.add_argument("--phases", nargs="+", default=["rep0", "quality", "rest", "server", "planner"])
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--note", action="append", default=[], help="a note for the md (kept across resumes)")
     ap.add_argument("--out", default=str(RESULTS / "bench_engines"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -414,6 +417,7 @@ def main() -> None:
                               "python": platform.python_version(), "torch": torch.__version__,
                               "transformers": transformers.__version__, "llama_cpp": llama_cpp.__version__},
                   "runs": [], "notes": []}
+    record["notes"] = list(dict.fromkeys([*record.get("notes", []), *args.note]))
     done = {(r["repeat"], r["engine"], r["policy"], r["workload"]) for r in record["runs"]}
 
     print(f"loading {args.engines} (load {loadavg()})", flush=True)
