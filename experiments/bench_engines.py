@@ -292,6 +292,7 @@ def write(record: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     lines = [f"# Engines on the latency benchmark: hf vs llama.cpp (Qwen2.5-Coder-0.5B) ({record['started']})", "",
              f"`{record['command']}`", "",
+             *[f"resumed {r['at']}: `{r['command']}`\n" for r in record.get("resumed", [])],
              f"Machine: {record['machine']['cpus']} CPUs, shared with another process running tests; load average "
              "(1 min) before each run is in the table. Engines interleaved within each repeat (order rotated).", "",
              f"Workloads: `full` = bench_latency's first {record['args']['queries']} queries "
