@@ -279,7 +279,20 @@ def summarize(record: dict) -> dict:
         "prefix_reuse_30pct_prefill_saved": met(prefill_saved, lambda v: v >= 0.30),
         "accuracy_within_2_points": met(delta, lambda v: abs(v) <= 2.0),
     }
-    return {"summary": summary, "compiled_vs_sequential_workload": "full" if "full" in speedups_by else "subset", "cells": cells, "compiled_vs_sequential": speedups,
+    paired = None
+    if {"hf", "llamacpp"} <= set(q.get("letters", {})) and q.get("gold"):
+        from math import comb
+
+        a, b, gold = q["letters"]["hf"], q["letters"]["llamacpp"], q["gold"]
+        only_llama = sum(b[n] == g != a[n] for n, g in gold.items())
+        only_hf = sum(a[n] == g != b[n] for n, g in gold.items())
+        k, m = min(only_llama, only_hf), only_llama + only_hf
+        p = min(1.0, 2 * sum(comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+        paired = {"only_llamacpp_correct": only_llama, "only_hf_correct": only_hf, "mcnemar_exact_p": p,
+                  "letter_counts": {e: {x: list(q["letters"][e].values()).count(x) for x in "ABCD"}
+                                    for e in ("hf", "llamacpp")},
+                  "gold_counts": {x: list(gold.values()).count(x) for x in "ABCD"}}
+    return {"summary": summary, "quality_paired": paired, "compiled_vs_sequential_workload": "full" if "full" in speedups_by else "subset", "cells": cells, "compiled_vs_sequential": speedups,
             "compiled_vs_sequential_by_workload": speedups_by, "prefill_tokens_saved_by": saved}
 
 
@@ -325,6 +338,11 @@ def write(record: dict, out: Path) -> None:
                 + f" | {v['wall_s']:.1f} |")
         if q.get("choice_agreement_vs_hf") is not None:
             lines.append(f"\nllama.cpp picks hf's letter on {q['choice_agreement_vs_hf']:.1%} of the nodes.")
+        pq = s.get("quality_paired")
+        if pq:
+            lines.append(f"Paired: only llama.cpp right on {pq['only_llamacpp_correct']}, only hf right on "
+                         f"{pq['only_hf_correct']} nodes (exact McNemar p = {pq['mcnemar_exact_p']:.2f}). Letters "
+                         f"picked: {pq['letter_counts']}; gold: {pq['gold_counts']}.")
     sv = record.get("server")
     if sv:
         lines += ["", f"OpenAI backend -> `python -m llama_cpp.server` (same GGUF, 1 thread; it serialises requests), "
