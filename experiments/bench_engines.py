@@ -378,8 +378,8 @@ def plot(record: dict, s: dict, path: Path) -> None:
     cells = s["cells"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels, walls = [], []
-    for key in ("hf|compiled|full", "llamacpp|compiled|full", "hf|sequential|subset", "hf|compiled|subset",
-                "llamacpp|sequential|subset", "llamacpp|compiled|subset"):
+    for key in ("hf|compiled|full", "llamacpp|compiled|full", "hf|sequential|full", "llamacpp|sequential|full",
+                "hf|sequential|subset", "hf|compiled|subset", "llamacpp|sequential|subset", "llamacpp|compiled|subset"):
         if key in cells:
             labels.append(key.replace("|", "\n"))
             walls.append(cells[key]["wall_s"])
@@ -390,6 +390,7 @@ def plot(record: dict, s: dict, path: Path) -> None:
     sv = record.get("server", {}).get("runs", [])
     if sv:
         axes[1].plot([r["max_concurrency"] for r in sv], [r["wall_s"] for r in sv], "o-", color="C2")
+        axes[1].set_ylim(0, max(r["wall_s"] for r in sv) * 1.15)
         axes[1].set_xlabel("server.max_concurrency")
         axes[1].set_ylabel("wall s")
         axes[1].set_title("OpenAI backend -> llama_cpp.server")
