@@ -416,6 +416,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "llamacpp"])
     ap.add_argument("--phases", nargs="+", default=["rep0", "quality", "rest", "server", "planner"])
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite md/PNG from the JSON (with --note)")
     ap.add_argument("--note", action="append", default=[], help="a note for the md (kept across resumes)")
     ap.add_argument("--out", default=str(RESULTS / "bench_engines"))
     args = ap.parse_args()
@@ -443,6 +444,11 @@ def main() -> None:
                   "runs": [], "notes": []}
     record["notes"] = list(dict.fromkeys([*record.get("notes", []), *args.note]))
     done = {(r["repeat"], r["engine"], r["policy"], r["workload"]) for r in record["runs"]}
+    if args.report_only:
+        record["resumed"].pop()  # nothing measured: not a resume
+        write(record, out)
+        print(out.with_suffix(".md").read_text())
+        return
 
     print(f"loading {args.engines} (load {loadavg()})", flush=True)
     engines = Engines(args.engines)
