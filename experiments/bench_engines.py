@@ -323,6 +323,10 @@ def write(record: dict, out: Path) -> None:
                      f"{fmt(c['median_query_latency_s'])} | {fmt(c['decode_tok_s'])} | {fmt(c['prefill_ms_per_token'], '.2f')} | "
                      f"{fmt(c['prefill_ms_per_prompt_token'], '.2f')} | {fmt(c['prefill_tokens_saved'], '.0%')} | "
                      f"{fmt(c['load_1min'], '.2f')} |")
+    h, l = s["cells"].get("hf|compiled|full"), s["cells"].get("llamacpp|compiled|full")
+    if h and l:
+        lines += ["", f"llama.cpp vs hf, compiled full (median walls): {h['wall_s'] / l['wall_s']:.2f}x "
+                  "(> 1: llama.cpp faster)."]
     for wl, by in s["compiled_vs_sequential_by_workload"].items():
         lines += ["", f"Compiled vs sequential ({wl} workload, median walls): " + ", ".join(
             f"{e} {v:.2f}x" for e, v in by.items())]
@@ -429,7 +433,8 @@ def main() -> None:
         record = json.loads(out.with_suffix(".json").read_text())
         if record.get("args", {}).get("queries") != args.queries or record["args"].get("seq_queries") != args.seq_queries:
             sys.exit("the existing JSON was made with other --queries/--seq-queries: pass --fresh")
-        record["args"] = {**record["args"], **vars(args)}
+        if not args.report_only:
+            record["args"] = {**record["args"], **vars(args)}
         record.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command})
     if record is None:
         import llama_cpp
