@@ -108,6 +108,11 @@ def test_prefix_reuse_changes_the_work_not_the_tokens(compose, model_cache):
     computed = model.stats.extra["prefill_tokens_computed"]
     assert model.stats.extra["prefill_tokens_reused"] == sum(g.cached_tokens for g in got)
     assert computed + sum(g.cached_tokens for g in got) == sum(g.prompt_tokens for g in got)
+    # the phase timers: prefill counts the computed prompt tokens, decode one token per live row per step
+    assert model.stats.prefill_tokens == computed and model.stats.prefill_seconds > 0
+    # (a row's last token is fed again only when it did not end the row: an end of sequence comes from its logits)
+    assert sum(g.output_tokens - 1 for g in got) <= model.stats.decode_tokens <= sum(g.output_tokens for g in got)
+    assert model.stats.decode_seconds > 0
     again = model.generate([ask("What is a lien?", 8, system=SYSTEM)])[0]  # a later call reuses the cached prefix
     assert again.cached_tokens >= shared
     assert again.text == plain_text(compose, model_cache, ask("What is a lien?", 8, system=SYSTEM))
@@ -208,3 +213,35 @@ def test_qwen_batch_of_eight_equals_batch_one(compose, model_cache):
     topics = ["a dragon", "a lighthouse", "a robot", "two chefs", "a library", "a village", "a clock", "a ship"]
     requests = [ask(f"Write a story about {t}.", n) for t, n in zip(topics, (12, 8, 16, 10, 14, 9, 16, 11))]
     assert [g.text for g in model.generate(requests)] == [model.generate([r])[0].text for r in requests]
+
+
+def test_best_prefix_is_the_largest_shared_group_not_only_what_all_rows_share():
+    """Rows of two experts (two system prompts) on one model: the cached prefix is the larger group's system
+    prompt (all rows share only the template's head); a cache that serves the call as well is kept; a lone row's
+    prompt is cached for the calls after it."""
+    from compllm.backends.llamacpp import _best_prefix
+
+    head, law, med = [1, 2], [1, 2, 10, 11, 12, 13], [1, 2, 20, 21, 22, 23]
+    rows = [law + [30, 31, 32], law + [40, 41, 42], law + [50, 51, 52], med + [60, 61, 62]]
+    assert _best_prefix([], rows) == law
+    assert _best_prefix(law, rows) is None  # already cached: nothing to compute
+    assert _best_prefix(head, [med + [60, 61, 62], med + [70, 71, 72]]) == med
+    lone = med + [60, 61, 62, 63]
+    assert _best_prefix(law, [lone]) == lone[:-2]
+
+
+def test_mixed_system_prompts_reuse_the_larger_groups_prefix(compose, model_cache):
+    """One call, rows of two system prompts: the larger group's system prompt is computed once and reused by the
+    group; the rows' cached_tokens still add up to the backend's reused counter; the answers are unchanged."""
+    other = "You answer questions for a hospital. Be brief and never give a dosage without a source."
+    requests = [ask("What is a tort?", 6, system=SYSTEM), ask("What is a lien?", 6, system=SYSTEM),
+                ask("What is anemia?", 6, system=other)]
+    plain = pool(compose, model_cache, "models.default.llamacpp.prefix_cache=false").get("default")
+    expected = [g.text for g in plain.generate(requests)]
+    del plain
+    model = pool(compose, model_cache).get("default")
+    shared = len(model.tokenize(model.render(ask("", system=SYSTEM)))) - 8
+    got = model.generate(requests)
+    assert [g.text for g in got] == expected
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens >= shared and got[2].cached_tokens < shared
+    assert model.stats.extra["prefill_tokens_reused"] == sum(g.cached_tokens for g in got) >= shared

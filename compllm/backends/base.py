@@ -39,6 +39,12 @@ class ModelStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
     generate_seconds: float = 0.0
+    # Where the time went, for backends that can tell (hf, llamacpp; 0 elsewhere): prompt prefill (prompt tokens
+    # computed, reused prefix tokens excluded) and decode steps (one token fed per live row per step).
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
 

@@ -126,6 +126,13 @@ class HFModel:
             self.stats.generate_seconds += seconds
         return results
 
+    def _timed(self, phase: str, started: float, tokens: int) -> None:
+        """Add a forward pass to the prefill or decode totals of `stats` (the engine thread calls it)."""
+        seconds = time.perf_counter() - started
+        with self._lock:
+            setattr(self.stats, f"{phase}_seconds", getattr(self.stats, f"{phase}_seconds") + seconds)
+            setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + tokens)
+
     @functools.cached_property
     def _engine(self) -> "_Engine":
         return _Engine(self)
@@ -280,7 +287,9 @@ class _Engine:
             admit = admit_rows(call.slots - call.live, len(call.pending), call.live)
             if admit:
                 group, call.pending = call.pending[:admit], call.pending[admit:]
+                started = time.perf_counter()
                 joined = model._prefill([call.prompts[i] for i in group], [(call, i) for i in group])
+                model._timed("prefill", started, int(joined.mask.sum()))
                 for i, n in zip(group, joined.mask.sum(-1).tolist()):
                     call.prompt_tokens[i] = int(n)
                 call.live += len(group)
@@ -302,7 +311,9 @@ class _Engine:
         if len(keep) < len(batch.rows):
             batch = batch.select(keep)
             chosen = chosen[torch.tensor(keep, device=chosen.device)]
+        started = time.perf_counter()
         batch.step(model, chosen)  # every live row has fresh logits again, so newcomers can merge in
+        model._timed("decode", started, len(batch.rows))
         return batch
 
     def _advance(self, call: _Call, row: int, token: int, logits) -> bool:

@@ -398,9 +398,12 @@ class LlamaCppModel:
                 on_text: OnText | None = None) -> int:
         """Run every row to its end; returns how many prompt tokens were computed (the rest were reused)."""
         unified = self.settings.kv_unified
+        started = time.perf_counter()
         computed = self._prepare_prefix([r.ids for r in rows], cancel) if self.settings.prefix_cache else 0
-        charge = computed  # prefix tokens computed for this call: counted as computed by the first row (every row
-        # reuses at least the whole new prefix), so the rows' cached_tokens add up to the call's reused tokens
+        self._timed("prefill", started, computed)
+        charge = computed  # prefix tokens computed for this call: counted as computed by the first rows that reuse
+        # them (positions >= fresh), so the rows' cached_tokens add up to the call's reused tokens
+        fresh = len(self._cached) - computed
         pending = list(rows)  # admitted in request order
         live: list[_Row] = []
         free_cells = self._n_ctx - len(self._cached)  # unified: rows share the cells
@@ -445,17 +448,29 @@ class LlamaCppModel:
                 row.seq = next(free_seqs)
                 self._copy_prefix(row)
                 row.pos = row.reused
-                row.cached, charge = row.reused - charge, 0
+                mine = min(charge, max(0, row.reused - fresh))
+                row.cached, charge = row.reused - mine, charge - mine
                 computed += len(row.ids) - row.reused
             # in seq id order: llama.cpp puts only consecutive sequence ids (per-sequence KV) into one ubatch
             steps = [(row, [row.tokens[-1]]) for row in sorted(live, key=lambda r: r.seq)]
             prompts = [(row, row.ids[row.reused:]) for row in joining]
-            if unified:  # everything in one batch: one pass over the weights
+            if unified:  # everything in one batch: one pass over the weights (timed as prefill if it has prompts)
+                started = time.perf_counter()
                 self._run(steps + prompts, cancel)
+                self._timed("prefill" if prompts else "decode", started,
+                            sum(len(t) for _, t in prompts) or len(steps))
             else:  # each prompt alone, so its pieces are the same whatever else is running
                 for item in ([steps] if steps else []) + [[p] for p in prompts]:
+                    started = time.perf_counter()
                     self._run(item, cancel)
+                    self._timed("decode" if item is steps else "prefill", started, sum(len(t) for _, t in item))
             live = live + joining
+
+    def _timed(self, phase: str, started: float, tokens: int) -> None:
+        """Add llama_decode time to the prefill or decode totals of `stats` (called under the generate lock)."""
+        if tokens:
+            setattr(self.stats, f"{phase}_seconds", getattr(self.stats, f"{phase}_seconds") + time.perf_counter() - started)
+            setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + tokens)
 
     def _copy_prefix(self, row: _Row) -> None:
         if not row.reused:
@@ -468,13 +483,13 @@ class LlamaCppModel:
             self._l.llama_memory_seq_rm(self._mem, row.seq, row.reused, -1)
 
     def _prepare_prefix(self, prompts: list[list[int]], cancel: threading.Event | None) -> int:
-        """Make the cached prefix the longest prefix all `prompts` share (each keeping at least MIN_PIECE tokens of
-        its own), computing only what the cache lacks; returns the tokens computed. A cache that already covers
-        that prefix is kept as is (it may serve some rows further)."""
-        shared = min(len(p) for p in prompts) - MIN_PIECE
-        for p in prompts[1:]:
-            shared = _common_prefix(prompts[0], p, shared)
-        target = prompts[0][:shared] if shared >= MIN_PIECE else []
+        """Make the cached prefix the one that saves this call the most prompt tokens (see `_best_prefix`: with
+        rows of several experts' system prompts, the prefix of the largest group sharing one, not merely what all
+        rows share), computing only what the cache lacks; returns the tokens computed. A cache that serves the
+        call at least as well is kept as is."""
+        target = _best_prefix(self._cached, prompts)
+        if target is None:
+            return 0
         keep = _common_prefix(self._cached, target, len(target))
         if keep == len(target):
             return 0
@@ -552,6 +567,36 @@ class LlamaCppModel:
         if not keep_prefix:
             self._l.llama_memory_clear(self._mem, False)
             self._cached = []
+
+
+def _best_prefix(cached: Sequence[int], prompts: list[list[int]]) -> list[int] | None:
+    """The prefix to cache for a call of `prompts`, or None to keep `cached`: the candidate with the most prompt
+    tokens reused by the call's rows (each row keeps MIN_PIECE tokens of its own) minus the tokens it costs to
+    compute beyond what the cache holds. Candidates: the common prefix of each pair of neighbours in sorted order
+    (every maximal group of rows sharing a prefix is such a pair's prefix), or a lone row's prompt. Ties go to the
+    new prefix (a lone row's prompt is cached for the calls after it, as before)."""
+    def score_of(prefix: Sequence[int]) -> int:
+        return sum(_common_prefix(prefix, p, len(p) - MIN_PIECE) for p in prompts)
+
+    if len(prompts) == 1:
+        candidates = [prompts[0][:len(prompts[0]) - MIN_PIECE]]
+    else:
+        ordered = sorted(prompts)
+        candidates, seen = [], set()
+        for a, b in zip(ordered, ordered[1:]):
+            n = _common_prefix(a, b, min(len(a), len(b)) - MIN_PIECE)
+            if n >= MIN_PIECE and tuple(a[:n]) not in seen:
+                seen.add(tuple(a[:n]))
+                candidates.append(a[:n])
+    best, best_score = None, score_of(cached)
+    for prefix in candidates:
+        have = _common_prefix(cached, prefix, len(prefix))
+        if len(prefix) < MIN_PIECE or have == len(prefix):  # the cache already holds it: keeping it is as good
+            continue
+        score = score_of(prefix) - (len(prefix) - have)
+        if score >= best_score:
+            best, best_score = list(prefix), score
+    return best
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
