@@ -57,7 +57,10 @@ ENGINES = {"hf": "qwen2.5-coder-0.5b", "llamacpp": "qwen2.5-coder-0.5b-llamacpp"
 STAT_FIELDS = ("calls", "prompt_tokens", "output_tokens", "generate_seconds", "prefill_seconds", "prefill_tokens",
                "decode_seconds", "decode_tokens")
 TARGETS = {"speedup_vs_hf": 3.0, "speedup_vs_hf_stretch": 5.0, "min_compiled_vs_sequential": 2.0,
-           "prefill_tokens_saved": 0.30, "accuracy_delta_points_abs_max": 2.0}
+           "prefill_tokens_saved": 0.30, "accuracy_delta_points_min": -2.0}
+# The default changes engine only for a win beyond what a shared 2-core machine's noise makes of the same code
+# (repeats of one engine here spread by ~10%), and only if it answers no worse than hf by more than 2 points.
+MIN_DEFAULT_SPEEDUP = 1.2
 
 
 def loadavg() -> list[float]:
@@ -245,7 +248,9 @@ def summarize(record: dict) -> dict:
     default = "hf"
     if hf_c and cell("llamacpp", "compiled", "full"):
         faster = min(engines, key=lambda e: cell(e, "compiled", "full")["wall_s"])
-        if faster != "hf" and delta is not None and abs(delta) <= TARGETS["accuracy_delta_points_abs_max"]:
+        gain = hf_c["wall_s"] / cell(faster, "compiled", "full")["wall_s"]
+        if faster != "hf" and gain >= MIN_DEFAULT_SPEEDUP and delta is not None \
+                and delta >= TARGETS["accuracy_delta_points_min"]:
             default = faster
     speedup_vs_hf = hf_c["wall_s"] / cell(default, "compiled", "full")["wall_s"] if hf_c else None
     saved = {}
@@ -277,7 +282,7 @@ def summarize(record: dict) -> dict:
         "stretch_5x": met(speedup_vs_hf, lambda v: v >= TARGETS["speedup_vs_hf_stretch"]),
         "compiled_2x_sequential_every_engine": met(summary["min_compiled_vs_sequential"], lambda v: v >= 2.0),
         "prefix_reuse_30pct_prefill_saved": met(prefill_saved, lambda v: v >= 0.30),
-        "accuracy_within_2_points": met(delta, lambda v: abs(v) <= 2.0),
+        "accuracy_within_2_points": met(delta, lambda v: v >= TARGETS["accuracy_delta_points_min"]),
     }
     paired = None
     if {"hf", "llamacpp"} <= set(q.get("letters", {})) and q.get("gold"):
