@@ -1,9 +1,12 @@
 """The hf backend's phase counters (ModelStats.prefill_*/decode_*) on the real SmolLM2-135M: prefill counts every
 prompt token, decode one token per live row per step (what experiments/bench_engines.py reads)."""
+import pytest
 from omegaconf import OmegaConf
 
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
+
+pytestmark = pytest.mark.model
 
 
 def test_hf_prefill_and_decode_counters(compose, model_cache):
