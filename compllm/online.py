@@ -235,6 +235,8 @@ class OnlinePipe:
             self.live.submit(steps, self.compiler.graph, self.compiler.plan.aliases)
 
     def _on_step(self) -> None:
+        if not self.compiler.pending:  # every step start and end calls this: skip the lock when nothing waits
+            return
         with self._lock:
             self._compile()
 

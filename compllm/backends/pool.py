@@ -1,6 +1,8 @@
 """Model aliases -> loaded backends, one shared copy per distinct weights/dtype/device."""
 from __future__ import annotations
 
+import enum
+
 import gc
 import logging
 import threading
@@ -21,7 +23,7 @@ class ModelPool:
     """Loads models lazily by alias; experts naming the same model share one loaded copy."""
 
     def __init__(self, models: Mapping[str, Mapping[str, Any]], cache_dir: str | None = None):
-        self.specs = {alias: dict(spec) for alias, spec in models.items()}
+        self.specs = {alias: _plain(spec) for alias, spec in models.items()}
         self.cache_dir = cache_dir
         self._loaded: dict[tuple, Backend] = {}
         self._faulty: dict[str, Backend] = {}  # alias -> fault-injection wrapper (models.<alias>.fault_injection)
@@ -139,3 +141,12 @@ class ModelPool:
             device=spec.get("device", "auto"),
             decode_matmul=spec.get("decode_matmul", "auto"),
         )
+
+
+def _plain(value: Any) -> Any:
+    """A model spec with config Enums (Backend, Dtype, ...) as their names, so every reader sees plain strings."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return getattr(value, "value", value) if isinstance(value, enum.Enum) else value
