@@ -21,6 +21,7 @@ REFERENCE = re.compile(r"\{(#[A-Za-z0-9_.:-]+)\}")
 class NodeKind(str, Enum):
     SUBQUERY = "subquery"
     AGGREGATE = "aggregate"
+    RETRIEVE = "retrieve"  # reads a knowledge source; its answer is passages (AnswerType.PASSAGES), no LLM call
 
 
 class HostOp(str, Enum):
@@ -36,6 +37,7 @@ class AnswerType(str, Enum):
     YESNO = "yesno"
     ENTITY = "entity"
     LIST = "list"
+    PASSAGES = "passages"  # a retrieve node's output: passages with ids and scores
 
     @classmethod
     def parse(cls, value: str | "AnswerType") -> "AnswerType":

@@ -25,6 +25,7 @@ class StepKind(str, Enum):
     EVICT = "evict"
     GENERATE = "generate"
     HOST = "host"  # answer its nodes on the host from their parents' answers (Node.host), no model
+    RETRIEVE = "retrieve"  # run its retrieve nodes against their knowledge source, no model
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,20 @@ class Step:
     est_s: float = 0.0  # cost-model estimate of this step's duration
     bytes: int = 0  # load/evict: the model's footprint; generate: the call's KV + workspace
     slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
+    node: str = ""  # cluster placement (the `place` pass): the cluster node that runs it; "" = this process
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind.value, "model": self.model, "nodes": list(self.nodes),
-                "deps": list(self.deps), "stream": self.stream, "est_s": self.est_s, "bytes": self.bytes,
-                "slots": self.slots}
+        d = {"id": self.id, "kind": self.kind.value, "model": self.model, "nodes": list(self.nodes),
+             "deps": list(self.deps), "stream": self.stream, "est_s": self.est_s, "bytes": self.bytes,
+             "slots": self.slots}
+        if self.node:
+            d["node"] = self.node
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
         return cls(d["id"], StepKind(d["kind"]), d["model"], tuple(d.get("nodes", ())), tuple(d.get("deps", ())),
-                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0))
+                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""))
 
 
 @dataclass
