@@ -100,8 +100,9 @@ class PassManager:
                 raise PassError(p.name, TypeError(f"returned {type(out).__name__}, not a Graph"))
             if self.verify_each:
                 self._verify(out, ctx, p, skip_ir=_same_snapshot(before, _snapshot(out)))
+            if out is not graph:  # a pass with nothing to do (e.g. `place` on one process) adds no duplicate dump
+                self._dump(p.name, out)
             graph = out
-            self._dump(p.name, graph)
         return graph
 
     def _verify(self, graph: Graph, ctx: PassContext, after: Optional[Pass], skip_ir: bool = False) -> None:
