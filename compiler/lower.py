@@ -46,7 +46,8 @@ class Lowering:
     load_of: dict[Key, str | None] = field(default_factory=dict)  # resident model -> its load (None: from start)
     runs_of: dict[Key, list[str]] = field(default_factory=dict)  # resident model -> generates since its load
     stream_of: dict[Key, int] = field(default_factory=dict)  # model -> compute stream (first use, round robin)
-    reserved: dict[Key, int] = field(default_factory=dict)  # resident model -> bytes reserved for it
+    reserved: dict[str, int] = field(default_factory=dict)  # resident model -> bytes reserved (this process)
+    reserved_on: dict[Key, int] = field(default_factory=dict)  # the same on a cluster's devices
     evicts: dict[int, str] = field(default_factory=dict)  # device -> its latest evict (evictions chain per device)
     streams_used: dict[int, int] = field(default_factory=dict)  # device -> compute streams handed out
 
@@ -70,7 +71,7 @@ class Lowering:
         for model in residency.initial:
             self.load_of.setdefault((model, -1), None)
             self.runs_of.setdefault((model, -1), [])
-            self.reserved[(model, -1)] = residency.footprints[model]
+            self.reserved[model] = residency.footprints[model]
 
         # host nodes are emitted as soon as every parent is answered: count what each still waits for
         missing: dict[str, int] = {}
@@ -114,12 +115,12 @@ class Lowering:
                 steps.append(Step(sid, StepKind.LOAD, model, (), deps, io_stream, ctx.cost.load_seconds(model),
                                   residency.footprints[model], node=node, device=index))
                 self.load_of[key], self.runs_of[key] = sid, []
-                self.reserved[key] = residency.footprints[model]
+                self._reserved(dev)[key if dev >= 0 else model] = residency.footprints[model]
             elif event.op is Op.EVICT:
                 sid = self._new_id("evict", model)
                 load = self.load_of.pop(key)
                 deps = ([load] if load else []) + self.runs_of.pop(key) + ([last_evict] if last_evict else [])
-                steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0, self.reserved.pop(key),
+                steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0, self._reserved(dev).pop(key if dev >= 0 else model),
                                   node=node, device=index))
                 self.evicts[dev] = sid
             else:
@@ -145,6 +146,9 @@ class Lowering:
         return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
                     dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
                     {m: b for m, b in residency.load_extra.items() if b}, residency.initial, devices=devices)
+
+    def _reserved(self, dev: int) -> dict:
+        return self.reserved_on if dev >= 0 else self.reserved
 
     def _new_id(self, prefix: str, model: str) -> str:
         k = self.counters.get((prefix, model), 0)
