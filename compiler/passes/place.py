@@ -36,6 +36,9 @@ from compiler.passes.residency import footprints
 #: Each model gets enough replicas that one carries at most this share of a device's fair share of all work.
 REPLICA_SHARE = 0.5
 
+#: `_improve` adds at most this many replicas per device of the cluster.
+MAX_TRIES = 6
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -46,6 +49,7 @@ class Placement:
     batch_device: tuple[int, ...]  # batch index -> device position that runs it
     demand_s: dict[str, float]  # model -> estimated seconds of all its calls
     est_finish_s: float = 0.0  # the list schedule's estimated makespan (demand policy; 0 otherwise)
+    order: tuple[int, ...] = ()  # batch indices in the order devices run them (a topological order)
 
     def device_work(self, batches: tuple[Batch, ...]) -> list[float]:
         work = [0.0] * len(self.devices)
@@ -88,21 +92,110 @@ def build_placement(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, 
     for i in order:  # first-use order
         demand[batches[i].model] = demand.get(batches[i].model, 0.0) + batches[i].est_s
     policy = ctx.config.placement
-    free = [math.inf if b is None else b - cost.base_bytes for b in budgets]
+    room = [math.inf if b is None else b - cost.base_bytes for b in budgets]
     if policy is PlacementPolicy.round_robin:
-        replicas = _round_robin(list(demand), sizes, free)
+        replicas = _round_robin(list(demand), sizes, list(room))
+    elif policy is PlacementPolicy.one_per_expert:
+        replicas = _pack(demand, {m: 1 for m in demand}, sizes, list(room))
     else:
-        counts = {m: 1 for m in demand}
-        if policy is PlacementPolicy.demand:
-            fair = sum(demand.values()) / len(devices)
-            counts = {m: min(len(devices), max(1, math.ceil(w / (REPLICA_SHARE * fair)))) if fair > 0 else 1
-                      for m, w in demand.items()}
-        replicas = _pack(demand, counts, sizes, free)
+        replicas = _replicate(demand, sizes, room)
     if policy is PlacementPolicy.demand:
-        batch_device, finish = _earliest_finish(graph, batches, order, replicas, devices, cost, ctx.done)
+        ranked = _by_rank(graph, batches, order, ctx.done)
+        replicas, batch_device, finish, order = _improve(graph, batches, ranked, replicas, sizes, room, cost,
+                                                         ctx.done)
     else:
         batch_device, finish = tuple(replicas[b.model][0] for b in batches), 0.0
-    return Placement(policy, devices, budgets, replicas, batch_device, demand, finish)
+    return Placement(policy, devices, budgets, replicas, batch_device, demand, finish, tuple(order))
+
+
+def _replicate(demand: dict[str, float], sizes: dict[str, int], room: list[float]) -> dict[str, tuple[int, ...]]:
+    """Replica counts and devices for the `demand` policy: the smallest per-device work target T for which
+    every model, cut into ceil(demand / T) replicas of equal work, packs onto the devices within T and memory
+    (bisection over T); models that cannot all fit at any T fall back to one replica each (`_pack`)."""
+    n = len(room)
+    total = sum(demand.values())
+    lo, hi = total / n, max(demand.values(), default=0.0) + total / n
+    best = _pack_within(demand, sizes, room, hi)
+    if best is None:
+        return _pack(demand, {m: 1 for m in demand}, sizes, list(room))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        packed = _pack_within(demand, sizes, room, mid)
+        if packed is None:
+            lo = mid
+        else:
+            best, hi = packed, mid
+        if hi - lo < 1e-3 * hi:
+            break
+    return best
+
+
+def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[float],
+                 target: float) -> Optional[dict[str, tuple[int, ...]]]:
+    """Replicas of ceil(demand / target) per model (at most one per device), largest footprint first, each on
+    the device with the least work that still has the memory and stays within `target`; None if one does not fit."""
+    n = len(room)
+    free, work = list(room), [0.0] * n
+    placed: dict[str, list[int]] = {m: [] for m in demand}
+    items = []
+    for m, w in demand.items():
+        r = min(n, max(1, math.ceil(w / target - 1e-9))) if target > 0 else 1
+        items += [(sizes[m], w / r, m)] * r
+    items.sort(key=lambda t: (-t[0], -t[1]))
+    for size, share, m in items:
+        fits = [d for d in range(n) if size <= free[d] and work[d] + share <= target * (1 + 1e-9)
+                and d not in placed[m]]
+        if not fits:
+            return None
+        d = min(fits, key=lambda d: (free[d], work[d], d))  # best fit: keep whole devices free for big models
+        placed[m].append(d)
+        work[d] += share
+        free[d] -= size
+    return {m: tuple(sorted(ds)) for m, ds in placed.items()}
+
+
+def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replicas: dict[str, tuple[int, ...]],
+             sizes: dict[str, int], room: list[float], cost, done: frozenset[str],
+             ) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], float, list[int]]:
+    """Replicas where time, not total work, needs them: a model whose calls all come late (the aggregator,
+    which waits for every sub-query) finishes last however balanced the totals are. So: list-schedule, take the
+    model of the call that ends last, give it one more replica on the least-busy device with memory for it, and
+    keep that replica if the estimated makespan drops; at most one try per device per model."""
+    n = len(room)
+    free = list(room)
+    for m, devs in replicas.items():
+        for d in devs:
+            free[d] -= sizes[m]
+    batch_device, finish, ends, run_order = _earliest_finish(graph, batches, order, replicas, n, cost, done)
+    tried: set[tuple[str, int]] = set()
+    for _ in range(MAX_TRIES * n):
+        busy = [0.0] * n
+        for b in batches:
+            busy[batch_device[b.index]] += b.est_s
+        improved = False
+        late = [batches[i].model for i in sorted(ends, key=lambda i: -ends[i])[:8]]  # models of the last calls
+        per_replica = {}
+        for b in batches:
+            per_replica[(b.model, batch_device[b.index])] = per_replica.get((b.model, batch_device[b.index]), 0.0) \
+                + b.est_s
+        loaded = [m for (m, _), w in sorted(per_replica.items(), key=lambda t: -t[1])[:8]]  # the busiest replicas
+        for m in dict.fromkeys(late + loaded):
+            fits = [d for d in range(n) if d not in replicas[m] and sizes[m] <= free[d] and (m, d) not in tried]
+            if not fits:
+                continue
+            d = min(fits, key=lambda d: (busy[d], -free[d], d))
+            tried.add((m, d))
+            trial = dict(replicas)
+            trial[m] = tuple(sorted(replicas[m] + (d,)))
+            t_device, t_finish, t_ends, t_order = _earliest_finish(graph, batches, order, trial, n, cost, done)
+            if t_finish < finish * (1 - 1e-6):
+                replicas, batch_device, finish, ends, run_order = trial, t_device, t_finish, t_ends, t_order
+                free[d] -= sizes[m]
+                improved = True
+                break
+        if not improved:
+            break
+    return replicas, batch_device, finish, run_order
 
 
 def _round_robin(models: list[str], sizes: dict[str, int], free: list[float]) -> dict[str, tuple[int, ...]]:
@@ -143,20 +236,54 @@ def _pack(demand: dict[str, float], counts: dict[str, int], sizes: dict[str, int
     return {m: tuple(sorted(ds)) for m, ds in placed.items()}
 
 
-def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, ...],
-                     replicas: dict[str, tuple[int, ...]], devices: tuple[Device, ...], cost,
-                     done: frozenset[str]) -> tuple[tuple[int, ...], float]:
-    """Each batch, in schedule order, on the replica estimated to finish it first (list scheduling)."""
-    ready = [0.0] * len(devices)  # when each device's next load finishes (loads queue on its io stream)
-    model_ready: dict[tuple[str, int], float] = {}
-    for m, devs in replicas.items():
-        for d in devs:
-            ready[d] += cost.load_seconds(m)
-            model_ready[(m, d)] = ready[d]
-    free = [0.0] * len(devices)  # when each device's compute is next free
+def _children(graph: Graph) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for node in graph.nodes.values():
+        for p in node.parents:
+            out.setdefault(p, []).append(node.id)
+    return out
+
+
+def _by_rank(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, ...], done: frozenset[str]) -> list[int]:
+    """The batches longest-remaining-path first (HEFT's upward rank: a call's seconds plus the longest chain of
+    calls that wait for it), so calls on the critical path are not queued behind calls with slack. A
+    topological order: a call's rank exceeds every dependent's (ties: lower level first)."""
+    children = _children(graph)
+    batch_of = {nid: b.index for b in batches for nid in b.nodes}
+    rank: dict[int, float] = {}
+    tail: dict[str, float] = {}
+
+    def after(nid: str) -> float:
+        """The longest chain of calls that waits for node `nid` (not counting its own call)."""
+        if nid not in tail:
+            best = 0.0
+            for c in children.get(nid, ()):
+                best = max(best, rank[batch_of[c]] if c in batch_of else after(c))
+            tail[nid] = best
+        return tail[nid]
+
+    for i in reversed(order):  # dependents first: the schedule is a topological order
+        b = batches[i]
+        rank[i] = b.est_s + max((after(nid) for nid in b.nodes), default=0.0)
+    return sorted(order, key=lambda i: (-rank[i], batches[i].level, i))
+
+
+def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
+                     replicas: dict[str, tuple[int, ...]], n_devices: int, cost, done: frozenset[str],
+                     ) -> tuple[tuple[int, ...], float, dict[int, float], list[int]]:
+    """Each batch, in `order` (by rank), on the replica estimated to finish it first, in the earliest gap of that
+    device's timeline after its inputs are ready (list scheduling with insertion, as HEFT), so a call that waits
+    for its inputs never holds up calls behind it. Returns the device of each batch, the estimated makespan,
+    each batch's estimated end, and the batches by estimated start: the order devices run them, a topological
+    order (a call starts after its parents end; ties keep rank order). A replica's load is estimated on its
+    device's io stream from its first assigned call."""
+    io_free = [0.0] * n_devices
+    loaded: dict[tuple[str, int], float] = {}
+    slots: list[list[tuple[float, float]]] = [[] for _ in range(n_devices)]  # busy (start, end), sorted
     node_done: dict[str, float] = {}
     batch_of: dict[str, int] = {nid: b.index for b in batches for nid in b.nodes}
     batch_end: dict[int, float] = {}
+    batch_start: dict[int, float] = {}
     nodes = graph.nodes
 
     def finished(nid: str) -> float:
@@ -173,16 +300,39 @@ def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: tuple[int,
         node_done[nid] = t
         return t
 
+    def earliest(d: int, ready: float, length: float) -> tuple[float, int]:
+        """Earliest start >= ready with `length` free on device d, and where it goes in the timeline."""
+        busy = slots[d]
+        k = len(busy)
+        while k > 0 and busy[k - 1][1] > ready:  # find the first interval ending after `ready`
+            k -= 1
+        t = ready
+        while k < len(busy):
+            if t + length <= busy[k][0] + 1e-12:
+                return t, k
+            t = max(t, busy[k][1])
+            k += 1
+        return t, k
+
     chosen = [0] * len(batches)
     for i in order:
         b = batches[i]
         inputs = max((finished(p) for nid in b.nodes for p in nodes[nid].parents), default=0.0)
-        best = min(replicas[b.model],
-                   key=lambda d: (max(free[d], inputs, model_ready[(b.model, d)]) + b.est_s, d))
-        start = max(free[best], inputs, model_ready[(b.model, best)])
-        free[best] = batch_end[i] = start + b.est_s
-        chosen[i] = best
-    return tuple(chosen), max(batch_end.values(), default=0.0)
+        best = None
+        for d in replicas[b.model]:
+            ready = max(inputs, loaded.get((b.model, d), io_free[d] + cost.load_seconds(b.model)))
+            start, k = earliest(d, ready, b.est_s)
+            if best is None or start < best[0] - 1e-12:
+                best = (start, d, k)
+        start, d, k = best
+        if (b.model, d) not in loaded:
+            loaded[(b.model, d)] = io_free[d] = io_free[d] + cost.load_seconds(b.model)
+        slots[d].insert(k, (start, start + b.est_s))
+        batch_start[i], batch_end[i] = start, start + b.est_s
+        chosen[i] = d
+    rank_pos = {i: k for k, i in enumerate(order)}
+    by_start = sorted(order, key=lambda i: (batch_start[i], rank_pos[i]))
+    return tuple(chosen), max(batch_end.values(), default=0.0), batch_end, by_start
 
 
 register(Pass("place", place, requires=frozenset({"batches", "schedule"}), provides=frozenset({"placement"}),

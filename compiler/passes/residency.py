@@ -79,8 +79,8 @@ def residency(graph: Graph, ctx: PassContext) -> Graph:
         out.annotations["residency"] = build_residency(batches, order, ctx.cost, ctx.config.planning_budget,
                                                        ctx.config.residency, ctx.resident)
     else:
-        out.annotations["residency"] = build_device_residency(batches, order, ctx.cost, placement,
-                                                              ctx.config.residency)
+        out.annotations["residency"] = build_device_residency(batches, placement.order or order, ctx.cost,
+                                                              placement, ctx.config.residency)
     return out
 
 
