@@ -98,7 +98,7 @@ def build_placement(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, 
     elif policy is PlacementPolicy.one_per_expert:
         replicas = _pack(demand, {m: 1 for m in demand}, sizes, list(room))
     else:
-        replicas = _replicate(demand, sizes, room)
+        replicas = _replicate(demand, sizes, room, {m: cost.load_seconds(m) for m in demand})
     if policy is PlacementPolicy.demand:
         ranked = _by_rank(graph, batches, order, ctx.done)
         replicas, batch_device, finish, order = _improve(graph, batches, ranked, replicas, sizes, room, cost,
@@ -108,19 +108,20 @@ def build_placement(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, 
     return Placement(policy, devices, budgets, replicas, batch_device, demand, finish, tuple(order))
 
 
-def _replicate(demand: dict[str, float], sizes: dict[str, int], room: list[float]) -> dict[str, tuple[int, ...]]:
+def _replicate(demand: dict[str, float], sizes: dict[str, int], room: list[float],
+               load_s: dict[str, float]) -> dict[str, tuple[int, ...]]:
     """Replica counts and devices for the `demand` policy: the smallest per-device work target T for which
     every model, cut into ceil(demand / T) replicas of equal work, packs onto the devices within T and memory
     (bisection over T); models that cannot all fit at any T fall back to one replica each (`_pack`)."""
     n = len(room)
     total = sum(demand.values())
-    lo, hi = total / n, max(demand.values(), default=0.0) + total / n
-    best = _pack_within(demand, sizes, room, hi)
+    lo, hi = total / n, max(demand.values(), default=0.0) + total / n + max(load_s.values(), default=0.0)
+    best = _pack_within(demand, sizes, room, hi, load_s)
     if best is None:
         return _pack(demand, {m: 1 for m in demand}, sizes, list(room))
     for _ in range(40):
         mid = (lo + hi) / 2
-        packed = _pack_within(demand, sizes, room, mid)
+        packed = _pack_within(demand, sizes, room, mid, load_s)
         if packed is None:
             lo = mid
         else:
@@ -130,8 +131,8 @@ def _replicate(demand: dict[str, float], sizes: dict[str, int], room: list[float
     return best
 
 
-def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[float],
-                 target: float) -> Optional[dict[str, tuple[int, ...]]]:
+def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[float], target: float,
+                 load_s: dict[str, float]) -> Optional[dict[str, tuple[int, ...]]]:
     """Replicas of ceil(demand / target) per model (at most one per device), largest footprint first, each on
     the device with the least work that still has the memory and stays within `target`; None if one does not fit."""
     n = len(room)
@@ -139,8 +140,9 @@ def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[flo
     placed: dict[str, list[int]] = {m: [] for m in demand}
     items = []
     for m, w in demand.items():
-        r = min(n, max(1, math.ceil(w / target - 1e-9))) if target > 0 else 1
-        items += [(sizes[m], w / r, m)] * r
+        load = load_s[m]  # a replica computes only once it is loaded: its load counts against the target
+        r = min(n, max(1, math.ceil(w / (target - load) - 1e-9))) if target > load else n
+        items += [(sizes[m], w / r + load, m)] * r
     items.sort(key=lambda t: (-t[0], -t[1]))
     for size, share, m in items:
         fits = [d for d in range(n) if size <= free[d] and work[d] + share <= target * (1 + 1e-9)
