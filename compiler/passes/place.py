@@ -168,14 +168,15 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
     for m, devs in replicas.items():
         for d in devs:
             free[d] -= sizes[m]
-    batch_device, finish, ends, run_order = _earliest_finish(graph, batches, order, replicas, n, cost, done)
+    batch_device, finish, ends, run_order, blame = _earliest_finish(graph, batches, order, replicas, n, cost, done)
     tried: set[tuple[str, int]] = set()
     for _ in range(MAX_TRIES * n):
         busy = [0.0] * n
         for b in batches:
             busy[batch_device[b.index]] += b.est_s
         improved = False
-        late = [batches[i].model for i in sorted(ends, key=lambda i: -ends[i])[:8]]  # models of the last calls
+        late = [batches[i].model for i in _critical_chain(ends, blame)]  # the chain that ends last
+        late += [batches[i].model for i in sorted(ends, key=lambda i: -ends[i])[:8]]  # and the last calls
         per_replica = {}
         for b in batches:
             per_replica[(b.model, batch_device[b.index])] = per_replica.get((b.model, batch_device[b.index]), 0.0) \
@@ -189,15 +190,28 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
             tried.add((m, d))
             trial = dict(replicas)
             trial[m] = tuple(sorted(replicas[m] + (d,)))
-            t_device, t_finish, t_ends, t_order = _earliest_finish(graph, batches, order, trial, n, cost, done)
+            t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(graph, batches, order, trial, n, cost,
+                                                                            done)
             if t_finish < finish * (1 - 1e-6):
-                replicas, batch_device, finish, ends, run_order = trial, t_device, t_finish, t_ends, t_order
+                replicas, batch_device, finish, ends, run_order, blame = (trial, t_device, t_finish, t_ends,
+                                                                          t_order, t_blame)
                 free[d] -= sizes[m]
                 improved = True
                 break
         if not improved:
             break
     return replicas, batch_device, finish, run_order
+
+
+def _critical_chain(ends: dict[int, float], blame: dict[int, int]) -> list[int]:
+    """From the call that ends last back through what each call waited for (an input or the call before it on
+    its device), latest first."""
+    chain: list[int] = []
+    i = max(ends, key=lambda i: ends[i], default=None)
+    while i is not None and i >= 0 and len(chain) < 64:
+        chain.append(i)
+        i = blame.get(i)
+    return chain
 
 
 def _round_robin(models: list[str], sizes: dict[str, int], free: list[float]) -> dict[str, tuple[int, ...]]:
@@ -272,7 +286,7 @@ def _by_rank(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, ...], d
 
 def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
                      replicas: dict[str, tuple[int, ...]], n_devices: int, cost, done: frozenset[str],
-                     ) -> tuple[tuple[int, ...], float, dict[int, float], list[int]]:
+                     ) -> tuple[tuple[int, ...], float, dict[int, float], list[int], dict[int, int]]:
     """Each batch, in `order` (by rank), on the replica estimated to finish it first, in the earliest gap of that
     device's timeline after its inputs are ready (list scheduling with insertion, as HEFT), so a call that waits
     for its inputs never holds up calls behind it. Returns the device of each batch, the estimated makespan,
@@ -316,10 +330,17 @@ def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
             k += 1
         return t, k
 
+    blame: dict[int, int] = {}  # batch -> the batch it waited for (input, or its device's call before it)
+    owner: dict[tuple[int, float], int] = {}  # (device, end of a busy interval) -> its batch
     chosen = [0] * len(batches)
     for i in order:
         b = batches[i]
-        inputs = max((finished(p) for nid in b.nodes for p in nodes[nid].parents), default=0.0)
+        inputs, waited = 0.0, -1
+        for nid in b.nodes:
+            for p in nodes[nid].parents:
+                t = finished(p)
+                if t > inputs:
+                    inputs, waited = t, batch_of.get(p, -1)
         best = None
         for d in replicas[b.model]:
             ready = max(inputs, loaded.get((b.model, d), io_free[d] + cost.load_seconds(b.model)))
@@ -329,12 +350,16 @@ def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
         start, d, k = best
         if (b.model, d) not in loaded:
             loaded[(b.model, d)] = io_free[d] = io_free[d] + cost.load_seconds(b.model)
+        if start > inputs + 1e-9 and k > 0 and abs(slots[d][k - 1][1] - start) < 1e-9:
+            waited = owner[(d, slots[d][k - 1][1])]  # it waited for its device
         slots[d].insert(k, (start, start + b.est_s))
+        owner[(d, start + b.est_s)] = i
         batch_start[i], batch_end[i] = start, start + b.est_s
+        blame[i] = waited
         chosen[i] = d
     rank_pos = {i: k for k, i in enumerate(order)}
     by_start = sorted(order, key=lambda i: (batch_start[i], rank_pos[i]))
-    return tuple(chosen), max(batch_end.values(), default=0.0), batch_end, by_start
+    return tuple(chosen), max(batch_end.values(), default=0.0), batch_end, by_start, blame
 
 
 register(Pass("place", place, requires=frozenset({"batches", "schedule"}), provides=frozenset({"placement"}),
