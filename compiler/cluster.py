@@ -41,6 +41,9 @@ class ClusterSpec:
     name: str = "local"
     nodes: List[NodeSpec] = field(default_factory=list)
     discover: bool = False  # fill `nodes` from the running Ray cluster at compile time (compllm/cluster.py)
+    # Discovered nodes: bytes per device (Ray reports device counts, not accelerator memory); None = for GPU
+    # nodes unlimited, for CPU-only nodes their Ray `memory` resource
+    device_memory: Optional[int] = None
 
     @property
     def is_local(self) -> bool:
