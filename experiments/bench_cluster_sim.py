@@ -1,19 +1,22 @@
 """Simulated scale-out: the `place` pass vs round-robin vs one-replica-per-expert on a simulated GPU cluster.
 
     PYTHONPATH=. .venv/bin/python experiments/bench_cluster_sim.py [--queries 10000] [--nodes 8] [--devices 8]
+        [--scenarios mix even]
 
-Cluster: `--nodes` x `--devices` H100s of 80 GB (compiler.cluster.uniform_cluster). Workload:
+Cluster: `--nodes` x `--devices` H100s of 80 GB (8 x 8: conf/cluster/h100_8x8.yaml, the `cluster=` config the
+compiler places on). Workload:
 `compiler.synthetic.random_graph` queries (2-6 sub-queries, random deps, ~15% shared texts, half of the final
 answers written by the aggregator) routed uniformly to 64 experts, each its own model of 7B-70B parameters
-(evenly spaced; fp8 weights, bf16 KV cache, GQA with 8 KV heads as Llama-3/Qwen2.5 have), the aggregator on the
+(sizes per scenario, see SIZES; fp8 weights, bf16 KV cache, GQA with 8 KV heads as Llama-3/Qwen2.5 have), the aggregator on the
 8B-class expert model. Costs: `ModelCost.roofline` with H100 SXM numbers (3.35 TB/s HBM, 60% of 989 dense bf16
 TFLOP/s), 5 ms per call, 150 prompt tokens of template per call, loads at 10 GB/s, batch_alpha 0.02 (as
 experiments/bench_sim.py). Calls: up to 32 rows decoding at once, 128 nodes per call.
 Every placement compiles the same graph with the same batches (the passes before `place` are identical), so
 the lower bound is shared: max(critical path, total generate seconds / devices, bytes read / (devices x
 bandwidth)); the critical path is the plan's (load + calls along the longest dependency chain).
-Writes experiments/results/bench_cluster_sim.{json,md,png}; `summary.sim_place_vs_round_robin` is round-robin's
-makespan / place's, `summary.sim_place_gap` place's makespan over the lower bound, minus 1.
+Writes experiments/results/bench_cluster_sim.{json,md,png}; `summary` (of the first scenario, `mix`):
+`sim_place_vs_round_robin` is round-robin's makespan / place's, `sim_place_gap` place's makespan over the lower
+bound, minus 1 (a fraction). The `even` scenario is reported beside it (see SIZES).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compiler import CompilerConfig, CostModel, ModelCost, compile  # noqa: E402
-from compiler.cluster import uniform_cluster  # noqa: E402
+from compiler.cluster import ClusterSpec, uniform_cluster  # noqa: E402
 from compiler.simulate import simulate  # noqa: E402
 from compiler.synthetic import random_graph  # noqa: E402
 
@@ -77,7 +80,7 @@ def run(queries: int, nodes: int, devices: int, seed: int, scenario: str = "mix"
     start = time.perf_counter()
     graph = random_graph(random.Random(seed), experts, n_queries=queries, shared_pool=max(8, queries // 50))
     graph_s = time.perf_counter() - start
-    cluster = uniform_cluster(nodes, devices, MEMORY)
+    cluster = load_cluster(nodes, devices)
     rows = []
     for label, policy in POLICIES:
         config = CompilerConfig(memory_budget=MEMORY, max_batch_size=32, max_call_size=32, placement=policy,
@@ -123,47 +126,74 @@ def run(queries: int, nodes: int, devices: int, seed: int, scenario: str = "mix"
     }}
 
 
-def markdown(result: dict, args: argparse.Namespace) -> str:
+def load_cluster(nodes: int, devices: int) -> ClusterSpec:
+    """The simulated cluster from its config (conf/cluster/h100_8x8.yaml) when that is the size asked for."""
+    if (nodes, devices) == (8, 8):
+        from omegaconf import OmegaConf
+
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterSpec),
+                                                   OmegaConf.load(ROOT / "conf" / "cluster" / "h100_8x8.yaml")))
+        assert len(spec.devices()) == 64 and spec.nodes[0].memory_per_device == MEMORY
+        return spec
+    return uniform_cluster(nodes, devices, MEMORY)
+
+
+def markdown(results: dict, args: argparse.Namespace) -> str:
     head = ["placement", "makespan s", "lower bound s", "gap", "crit. path s", "work/devices s", "bytes/BW s",
-            "loads", "evictions", "compute util", "device busy min/med/max s", "peak device GB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        cells = [r["placement"], f"{r['makespan_s']:.1f}", f"{r['lower_bound_s']:.1f}", f"{100 * r['gap']:.1f}%",
-                 f"{r['critical_path_s']:.1f}", f"{r['work_bound_s']:.1f}", f"{r['bytes_read_bound_s']:.1f}",
-                 r["loads"], r["evictions"], f"{100 * r['compute_utilisation']:.0f}%",
-                 f"{r['device_busy_min_s']:.0f} / {r['device_busy_median_s']:.0f} / {r['device_busy_max_s']:.0f}",
-                 f"{r['peak_device_reserved_GB']:.1f}"]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    s = result["summary"]
-    return (f"# Simulated cluster: {args.nodes} nodes x {args.devices} H100 80 GB, {N_EXPERTS} experts of 7-70B, "
-            f"{args.queries} queries (experiments/bench_cluster_sim.py)\n\n"
-            f"Command: `PYTHONPATH=. .venv/bin/python experiments/bench_cluster_sim.py --queries {args.queries} "
-            f"--nodes {args.nodes} --devices {args.devices} --seed {args.seed}`\n\n" + "\n".join(lines) + "\n\n"
-            f"round-robin makespan / place's: **{s['sim_place_vs_round_robin']:.2f}x**; one replica per expert / "
-            f"place's: {s['sim_place_vs_one_per_expert']:.2f}x; place's gap to the lower bound: "
-            f"**{100 * s['sim_place_gap']:.1f}%**.\n")
+            "loads", "evictions", "compute util", "device busy min/med/max s", "peak device GB", "compile s"]
+    out = [f"# Simulated cluster: {args.nodes} nodes x {args.devices} H100 80 GB, {N_EXPERTS} experts of 7-70B, "
+           f"{args.queries} queries (experiments/bench_cluster_sim.py)\n",
+           f"Command: `{command(args)}`\n"]
+    for scenario, result in results.items():
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in result["rows"]:
+            cells = [r["placement"], f"{r['makespan_s']:.1f}", f"{r['lower_bound_s']:.1f}",
+                     f"{100 * r['gap']:.1f}%", f"{r['critical_path_s']:.1f}", f"{r['work_bound_s']:.1f}",
+                     f"{r['bytes_read_bound_s']:.1f}", r["loads"], r["evictions"],
+                     f"{100 * r['compute_utilisation']:.0f}%",
+                     f"{r['device_busy_min_s']:.0f} / {r['device_busy_median_s']:.0f} / {r['device_busy_max_s']:.0f}",
+                     f"{r['peak_device_reserved_GB']:.1f}", f"{r['compile_s']:.1f}"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        s = result["summary"]
+        out += [f"## Experts `{scenario}`: {SCENARIO_TEXT[scenario]}\n", "\n".join(lines) + "\n",
+                f"round-robin makespan / place's: **{s['sim_place_vs_round_robin']:.2f}x**; one replica per expert "
+                f"/ place's: {s['sim_place_vs_one_per_expert']:.2f}x; place's makespan over the lower bound: "
+                f"**+{100 * s['sim_place_gap']:.1f}%**.\n"]
+    return "\n".join(out)
 
 
-def plot(result: dict, path: Path, title: str) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib  # a project dependency
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    xs = range(len(rows))
-    ax.bar(list(xs), [r["makespan_s"] for r in rows], 0.5, label="simulated makespan")
-    ax.axhline(result["lower_bound_s"], color="k", linestyle="--", label="lower bound")
-    for x, r in zip(xs, rows):
-        ax.text(x, r["makespan_s"], f"{r['makespan_s']:.0f} s\n{100 * r['compute_utilisation']:.0f}% busy",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [r["placement"] for r in rows])
-    ax.set_ylabel("seconds")
-    ax.set_ylim(0, max(r["makespan_s"] for r in rows) * 1.25)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (scenario, result) in zip(axes[0], results.items()):
+        rows = result["rows"]
+        xs = range(len(rows))
+        ax.bar(list(xs), [r["makespan_s"] for r in rows], 0.5, label="simulated makespan")
+        ax.axhline(result["lower_bound_s"], color="k", linestyle="--", label="lower bound")
+        for x, r in zip(xs, rows):
+            ax.text(x, r["makespan_s"], f"{r['makespan_s']:.0f} s\n{100 * r['compute_utilisation']:.0f}% busy",
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), [r["placement"] for r in rows], fontsize=8)
+        ax.set_ylabel("seconds")
+        ax.set_ylim(0, max(r["makespan_s"] for r in rows) * 1.25)
+        ax.set_title(f"{title}\nexperts: {scenario}", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+SCENARIO_TEXT = {
+    "mix": "24 x 7-8B, 20 x 13-14B, 12 x 32-34B, 8 x 70-72B (fp8 weights)",
+    "even": "evenly spaced 7..70B (half of them >= 40B: each replica of those fills an 80 GB device)",
+}
+
+
+def command(args: argparse.Namespace) -> str:
+    return (f"PYTHONPATH=. .venv/bin/python experiments/bench_cluster_sim.py --queries {args.queries} --nodes "
+            f"{args.nodes} --devices {args.devices} --seed {args.seed} --scenarios {' '.join(args.scenarios)}")
 
 
 def main() -> None:
@@ -172,24 +202,29 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scenario", choices=sorted(SIZES), default="mix", help="expert sizes (see SIZES)")
+    parser.add_argument("--scenarios", nargs="+", choices=sorted(SIZES), default=["mix", "even"],
+                        help="expert sizes (see SIZES); the summary is the first one's")
     parser.add_argument("--out", default="bench_cluster_sim", help="results file name (no extension)")
     args = parser.parse_args()
-    result = run(args.queries, args.nodes, args.devices, args.seed, args.scenario)
-    cm = cost_model(args.scenario)
+    results = {}
+    for scenario in args.scenarios:
+        print(f"== experts: {scenario}", file=sys.stderr)
+        results[scenario] = run(args.queries, args.nodes, args.devices, args.seed, scenario)
     out = {"python": platform.python_version(), "seed": args.seed, "queries": args.queries, "nodes": args.nodes,
            "devices_per_node": args.devices, "memory_per_device_bytes": MEMORY, "bandwidth_Bps": BANDWIDTH,
-           "flops": FLOPS, "command": f"PYTHONPATH=. .venv/bin/python experiments/bench_cluster_sim.py --queries "
-                                      f"{args.queries} --nodes {args.nodes} --devices {args.devices} --seed {args.seed}",
-           "models": {a: {"weight_bytes": mc.weight_bytes, "decode_s_per_token": mc.decode_s_per_token,
-                          "load_s": cm.load_seconds(a)} for a, mc in cm.models.items()},
-           "aggregator_model": cm.expert_model["aggregator"], **result}
+           "flops": FLOPS, "command": command(args), "summary_scenario": args.scenarios[0],
+           "summary": results[args.scenarios[0]]["summary"],
+           "scenarios": {sc: {"experts": SCENARIO_TEXT[sc], **res,
+                              "models": {a: {"weight_bytes": mc.weight_bytes, "load_s": cm.load_seconds(a)}
+                                         for cm in [cost_model(sc)] for a, mc in cm.models.items()},
+                              "aggregator_model": cost_model(sc).expert_model["aggregator"]}
+                         for sc, res in results.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2) + "\n")
-    table = markdown(result, args)
+    table = markdown(results, args)
     (RESULTS / f"{args.out}.md").write_text(table)
-    plot(result, RESULTS / f"{args.out}.png", f"{args.nodes}x{args.devices} H100 80 GB, {N_EXPERTS} experts 7-70B, "
-                                             f"{args.queries} queries (simulated)")
+    plot(results, RESULTS / f"{args.out}.png", f"{args.nodes}x{args.devices} H100 80 GB, {N_EXPERTS} experts, "
+                                               f"{args.queries} queries (simulated)")
     print(table)
 
 

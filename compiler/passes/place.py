@@ -143,13 +143,16 @@ def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[flo
         load = load_s[m]  # a replica computes only once it is loaded: its load counts against the target
         r = min(n, max(1, math.ceil(w / (target - load) - 1e-9))) if target > load else n
         items += [(sizes[m], w / r + load, m)] * r
-    items.sort(key=lambda t: (-t[0], -t[1]))
+    half = max(room) / 2
+    # big replicas (over half a device) first, largest first, best fit in memory; then the small ones, largest
+    # work share first (LPT), onto the least busy device with memory for them
+    items.sort(key=lambda t: (-t[0], -t[1]) if t[0] > half else (math.inf, -t[1]))
     for size, share, m in items:
         fits = [d for d in range(n) if size <= free[d] and work[d] + share <= target * (1 + 1e-9)
                 and d not in placed[m]]
         if not fits:
             return None
-        d = min(fits, key=lambda d: (free[d], work[d], d))  # best fit: keep whole devices free for big models
+        d = min(fits, key=lambda d: (free[d], work[d], d) if size > half else (work[d], free[d], d))
         placed[m].append(d)
         work[d] += share
         free[d] -= size
