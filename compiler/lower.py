@@ -15,6 +15,10 @@ Dependencies (each a one-line reason):
   batch), and the previous evict (evictions happen in planned order);
 - load -> the latest evict before it in planned order.
 
+On a cluster (a `placement` annotation) all of this holds per device: residency events carry their device,
+loads/evicts/generates name it (`Step.node`, `Step.device`), evictions chain per device, and the argument below
+holds for each device's memory separately.
+
 Why that is enough for *any* execution order to stay within the budget: executed evictions are
 always a prefix E1..Ek of the planned ones (they are chained), and a load can only have run if the
 evict before it did, so every executed load lies before E(k+1) in planned order. What is resident is

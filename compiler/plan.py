@@ -6,6 +6,8 @@ which is a topological order of the DAG. The dependencies alone make any executi
 the memory budget (see compiler/lower.py for why), so the executor never re-plans. Streams: generate
 steps use `0..streams-1` (one model's generates share one), loads and evicts use `io_stream`, host steps
 (answers that need no model call) use `host_stream`. `verify()` checks all of this (compiler/plan_verify.py).
+On a cluster (the `place` pass) load/generate/evict steps name their device (`node`, `device`): every device has
+its own streams and its own memory (`Plan.devices`); host steps stay in the coordinating process.
 """
 from __future__ import annotations
 
