@@ -5,14 +5,17 @@ Why the compiler: it knows every call of every model before anything runs (the g
 by demand instead of guessing, and spread one model's calls over its replicas by when they can start.
 
 Policies (`compiler.placement`):
-- `demand` (default): demand per model = the cost model's seconds of all its calls. Each model gets replicas
-  in proportion (enough that none carries more than half a device's fair share of the total work, at most one
-  per device), packed largest-share-first onto the least-loaded device that still has memory for it (weights +
-  its largest call, under the device's memory less headroom). Then every call, in the scheduled order, goes to
-  the replica that is estimated to finish it first: its start waits for its parents' calls (critical-path
-  slack: a call whose inputs come late does not block a replica that could run other work), for its replica's
-  load and for what that device runs before it (earliest-finish-time list scheduling over the cost model).
-- `one_per_expert`: one replica per model, packed the same way (no replication), calls on that replica.
+- `demand` (default): demand per model = the cost model's seconds of all its calls. Replica counts: the
+  smallest per-device work target T (bisection) for which every model, cut into ceil(demand / (T - its load
+  seconds)) replicas, packs onto the devices within T and their memory (weights + largest call, under the
+  device's memory less headroom): replicas bigger than half a device first, best fit in memory, then the rest
+  largest work share first onto the least busy device. Calls are then ordered by HEFT's upward rank (a call's
+  seconds plus the longest chain of calls waiting for it: critical-path slack decides, not level) and each goes
+  to the replica estimated to finish it first, in the earliest gap of that device after its inputs and its
+  replica's load (list scheduling with insertion over the cost model). Finally replicas are added where the
+  estimated schedule ends late (`_improve`). Devices run their calls in estimated start order.
+- `one_per_expert`: one replica per model, largest demand first onto the least busy device with memory for it
+  (LPT, no replication), every call on that replica.
 - `round_robin`: the naive baseline: models in first-use order on device 0, 1, 2, ... (the next device with
   room when one is full), one replica each.
 A model whose footprint fits no device at all is a `MemoryBudgetError` naming the largest device. If the
@@ -33,11 +36,8 @@ from compiler.passes.batch import Batch
 from compiler.passes.registry import Pass, register
 from compiler.passes.residency import footprints
 
-#: Each model gets enough replicas that one carries at most this share of a device's fair share of all work.
-REPLICA_SHARE = 0.5
-
-#: `_improve` adds at most this many replicas per device of the cluster.
-MAX_TRIES = 6
+#: `_improve` list-schedules at most this many candidate placements (each O(calls x replicas)).
+MAX_EVALUATIONS = 60
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,11 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
              sizes: dict[str, int], room: list[float], cost, done: frozenset[str],
              ) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], float, list[int]]:
     """Replicas where time, not total work, needs them: a model whose calls all come late (the aggregator,
-    which waits for every sub-query) finishes last however balanced the totals are. So: list-schedule, take the
-    model of the call that ends last, give it one more replica on the least-busy device with memory for it, and
-    keep that replica if the estimated makespan drops; at most one try per device per model."""
+    which waits for every sub-query) finishes last however balanced the totals are. So: list-schedule; for the
+    models on the chain of calls that ends last, then those of the busiest replicas, try one more replica on the
+    least-busy device with memory for it (or, when none has, on one where dropping spare replicas of other
+    models makes room), and keep the first try that shortens the estimated makespan; stop when none does, after
+    at most MAX_EVALUATIONS list schedules (at most one try per device per model)."""
     n = len(room)
     free = list(room)
     for m, devs in replicas.items():
@@ -173,7 +175,8 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
             free[d] -= sizes[m]
     batch_device, finish, ends, run_order, blame = _earliest_finish(graph, batches, order, replicas, n, cost, done)
     tried: set[tuple[str, int]] = set()
-    for _ in range(MAX_TRIES * n):
+    evaluations = 0
+    while evaluations < MAX_EVALUATIONS:
         busy = [0.0] * n
         for b in batches:
             busy[batch_device[b.index]] += b.est_s
@@ -187,23 +190,49 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
         loaded = [m for (m, _), w in sorted(per_replica.items(), key=lambda t: -t[1])[:8]]  # the busiest replicas
         for m in dict.fromkeys(late + loaded):
             fits = [d for d in range(n) if d not in replicas[m] and sizes[m] <= free[d] and (m, d) not in tried]
-            if not fits:
-                continue
-            d = min(fits, key=lambda d: (busy[d], -free[d], d))
+            if fits:
+                d = min(fits, key=lambda d: (busy[d], -free[d], d))
+                drop: list[str] = []
+            else:  # no room anywhere: make room on a lightly used device by dropping spare replicas there
+                d, drop = _make_room(m, replicas, sizes, free, per_replica, busy, tried)
+                if d is None:
+                    continue
             tried.add((m, d))
-            trial = dict(replicas)
+            trial = {k: tuple(x for x in v if not (x == d and k in drop)) for k, v in replicas.items()}
             trial[m] = tuple(sorted(replicas[m] + (d,)))
             t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(graph, batches, order, trial, n, cost,
                                                                             done)
+            evaluations += 1
             if t_finish < finish * (1 - 1e-6):
                 replicas, batch_device, finish, ends, run_order, blame = (trial, t_device, t_finish, t_ends,
                                                                           t_order, t_blame)
-                free[d] -= sizes[m]
+                free[d] += sum(sizes[k] for k in drop) - sizes[m]
                 improved = True
                 break
         if not improved:
             break
     return replicas, batch_device, finish, run_order
+
+
+def _make_room(m: str, replicas: dict[str, tuple[int, ...]], sizes: dict[str, int], free: list[float],
+               per_replica: dict[tuple[str, int], float], busy: list[float], tried: set[tuple[str, int]],
+               ) -> tuple[Optional[int], list[str]]:
+    """A device (least busy first) where dropping replicas of models that keep another replica, least used
+    first, frees enough memory for `m`; (None, []) if there is none."""
+    for d in sorted(range(len(free)), key=lambda d: (busy[d], d)):
+        if d in replicas[m] or (m, d) in tried:
+            continue
+        spare = sorted((k for k, v in replicas.items() if d in v and len(v) > 1 and k != m),
+                       key=lambda k: per_replica.get((k, d), 0.0))
+        room, drop = free[d], []
+        for k in spare:
+            if room >= sizes[m]:
+                break
+            drop.append(k)
+            room += sizes[k]
+        if room >= sizes[m]:
+            return d, drop
+    return None, []
 
 
 def _critical_chain(ends: dict[int, float], blame: dict[int, int]) -> list[int]:
