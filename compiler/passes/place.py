@@ -173,7 +173,9 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
     for m, devs in replicas.items():
         for d in devs:
             free[d] -= sizes[m]
-    batch_device, finish, ends, run_order, blame = _earliest_finish(graph, batches, order, replicas, n, cost, done)
+    load_s = {m: cost.load_seconds(m) for m in replicas}
+    inputs_of = _input_batches(graph, batches, done)
+    batch_device, finish, ends, run_order, blame = _earliest_finish(batches, order, replicas, n, load_s, inputs_of)
     tried: set[tuple[str, int]] = set()
     evaluations = 0
     while evaluations < MAX_EVALUATIONS:
@@ -200,8 +202,8 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
             tried.add((m, d))
             trial = {k: tuple(x for x in v if not (x == d and k in drop)) for k, v in replicas.items()}
             trial[m] = tuple(sorted(replicas[m] + (d,)))
-            t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(graph, batches, order, trial, n, cost,
-                                                                            done)
+            t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(batches, order, trial, n, load_s,
+                                                                            inputs_of)
             evaluations += 1
             if t_finish < finish * (1 - 1e-6):
                 replicas, batch_device, finish, ends, run_order, blame = (trial, t_device, t_finish, t_ends,
@@ -316,37 +318,42 @@ def _by_rank(graph: Graph, batches: tuple[Batch, ...], order: tuple[int, ...], d
     return sorted(order, key=lambda i: (-rank[i], batches[i].level, i))
 
 
-def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
-                     replicas: dict[str, tuple[int, ...]], n_devices: int, cost, done: frozenset[str],
+def _input_batches(graph: Graph, batches: tuple[Batch, ...], done: frozenset[str]) -> list[tuple[int, ...]]:
+    """For every batch, the batches whose answers it reads (through host nodes and fused parts), once."""
+    batch_of = {nid: b.index for b in batches for nid in b.nodes}
+    nodes = graph.nodes
+    memo: dict[str, frozenset[int]] = {}
+
+    def source(nid: str) -> frozenset[int]:
+        if nid not in memo:
+            if nid in done:
+                memo[nid] = frozenset()
+            elif nid in batch_of:
+                memo[nid] = frozenset((batch_of[nid],))
+            else:  # host node or fused part: answered when its inputs are
+                node = nodes[nid]
+                parents = (node.part_of,) if node.part_of is not None else node.parents
+                memo[nid] = frozenset().union(*(source(p) for p in parents))
+        return memo[nid]
+
+    return [tuple(sorted(frozenset().union(*(source(p) for nid in b.nodes for p in nodes[nid].parents))))
+            for b in batches]
+
+
+def _earliest_finish(batches: tuple[Batch, ...], order: list[int], replicas: dict[str, tuple[int, ...]],
+                     n_devices: int, load_s: dict[str, float], inputs_of: list[tuple[int, ...]],
                      ) -> tuple[tuple[int, ...], float, dict[int, float], list[int], dict[int, int]]:
     """Each batch, in `order` (by rank), on the replica estimated to finish it first, in the earliest gap of that
     device's timeline after its inputs are ready (list scheduling with insertion, as HEFT), so a call that waits
     for its inputs never holds up calls behind it. Returns the device of each batch, the estimated makespan,
-    each batch's estimated end, and the batches by estimated start: the order devices run them, a topological
-    order (a call starts after its parents end; ties keep rank order). A replica's load is estimated on its
-    device's io stream from its first assigned call."""
+    each batch's estimated end, the batches by estimated start (the order devices run them: a topological order,
+    a call starts after its parents end; ties keep rank order), and what each batch waited for. A replica's
+    load is estimated on its device's io stream from its first assigned call."""
     io_free = [0.0] * n_devices
     loaded: dict[tuple[str, int], float] = {}
     slots: list[list[tuple[float, float]]] = [[] for _ in range(n_devices)]  # busy (start, end), sorted
-    node_done: dict[str, float] = {}
-    batch_of: dict[str, int] = {nid: b.index for b in batches for nid in b.nodes}
     batch_end: dict[int, float] = {}
     batch_start: dict[int, float] = {}
-    nodes = graph.nodes
-
-    def finished(nid: str) -> float:
-        if nid in node_done:
-            return node_done[nid]
-        if nid in done:
-            t = 0.0
-        elif nid in batch_of:
-            t = batch_end[batch_of[nid]]
-        else:  # host node or fused part: when its inputs are
-            node = nodes[nid]
-            t = finished(node.part_of) if node.part_of is not None else max(
-                (finished(p) for p in node.parents), default=0.0)
-        node_done[nid] = t
-        return t
 
     def earliest(d: int, ready: float, length: float) -> tuple[float, int]:
         """Earliest start >= ready with `length` free on device d, and where it goes in the timeline."""
@@ -368,20 +375,18 @@ def _earliest_finish(graph: Graph, batches: tuple[Batch, ...], order: list[int],
     for i in order:
         b = batches[i]
         inputs, waited = 0.0, -1
-        for nid in b.nodes:
-            for p in nodes[nid].parents:
-                t = finished(p)
-                if t > inputs:
-                    inputs, waited = t, batch_of.get(p, -1)
+        for j in inputs_of[i]:
+            if batch_end[j] > inputs:
+                inputs, waited = batch_end[j], j
         best = None
         for d in replicas[b.model]:
-            ready = max(inputs, loaded.get((b.model, d), io_free[d] + cost.load_seconds(b.model)))
+            ready = max(inputs, loaded.get((b.model, d), io_free[d] + load_s[b.model]))
             start, k = earliest(d, ready, b.est_s)
             if best is None or start < best[0] - 1e-12:
                 best = (start, d, k)
         start, d, k = best
         if (b.model, d) not in loaded:
-            loaded[(b.model, d)] = io_free[d] = io_free[d] + cost.load_seconds(b.model)
+            loaded[(b.model, d)] = io_free[d] = io_free[d] + load_s[b.model]
         if start > inputs + 1e-9 and k > 0 and abs(slots[d][k - 1][1] - start) < 1e-9:
             waited = owner[(d, slots[d][k - 1][1])]  # it waited for its device
         slots[d].insert(k, (start, start + b.est_s))
