@@ -275,3 +275,19 @@ def test_cluster_config_group_composes():
             compose("config", overrides=["compiler.placement=nearest"])
         with pytest.raises(Exception, match="nodez"):
             compose("config", overrides=["cluster.nodez=[]"])
+
+
+def test_bench_cluster_sim_runs_small_and_reports_the_summary_keys():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_cluster_sim.py"
+    spec = importlib.util.spec_from_file_location("bench_cluster_sim", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(queries=60, nodes=2, devices=2, seed=1, scenario="mix")
+    summary = result["summary"]
+    assert set(summary) >= {"sim_place_vs_round_robin", "sim_place_gap"}
+    assert summary["sim_place_vs_round_robin"] >= 1.0 and summary["sim_place_gap"] >= 0.0
+    for row in result["rows"]:
+        assert row["lower_bound_s"] <= row["makespan_s"] * (1 + 1e-9)
