@@ -51,12 +51,6 @@ class Placement:
     est_finish_s: float = 0.0  # the list schedule's estimated makespan (demand policy; 0 otherwise)
     order: tuple[int, ...] = ()  # batch indices in the order devices run them (a topological order)
 
-    def device_work(self, batches: tuple[Batch, ...]) -> list[float]:
-        work = [0.0] * len(self.devices)
-        for b in batches:
-            work[self.batch_device[b.index]] += b.est_s
-        return work
-
     def dump(self) -> str:
         lines = [f"placement policy={self.policy.value} devices={len(self.devices)} "
                  f"replicas={sum(len(r) for r in self.replicas.values())}"]
