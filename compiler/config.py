@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import FrozenSet, List, Mapping, Optional
 
+from compiler.cluster import ClusterSpec, PlacementPolicy
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
 
-DEFAULT_PASSES = ("dedupe", "fuse", "batch", "schedule", "residency")
+DEFAULT_PASSES = ("dedupe", "fuse", "batch", "schedule", "place", "residency")
 
 
 class ResidencyPolicy(str, Enum):
@@ -49,6 +50,8 @@ class CompilerConfig:
     residency: ResidencyPolicy = ResidencyPolicy.belady
     fuse: List[FuseVariant] = field(default_factory=list)  # empty = fuse is a no-op (answers unchanged)
     fuse_max_chain: int = 3  # longest chain fused into one call
+    # On a cluster (`cluster=...` with nodes): how the `place` pass puts models on devices; ignored locally.
+    placement: PlacementPolicy = PlacementPolicy.demand
     streams: int = 1  # compute streams/workers for generate steps; loads/evicts and host steps get their own
     verify: bool = True  # verify the IR after every pass (always before the first) and the plan after lowering
     dump: bool = False  # keep an IR text dump after every pass in the compile report
@@ -76,9 +79,11 @@ class CompilerConfig:
         try:
             self.residency = ResidencyPolicy(self.residency)
             self.fuse = [FuseVariant(v) for v in self.fuse]
+            self.placement = PlacementPolicy(self.placement)
         except ValueError as exc:
             raise ConfigError(f"{exc}; residency: {', '.join(p.value for p in ResidencyPolicy)}; "
-                              f"fuse: {', '.join(v.value for v in FuseVariant)}") from None
+                              f"fuse: {', '.join(v.value for v in FuseVariant)}; "
+                              f"placement: {', '.join(p.value for p in PlacementPolicy)}") from None
 
 
 @dataclass
@@ -93,8 +98,9 @@ class PassContext:
     known_experts: Optional[FrozenSet[str]] = None
     resident: Mapping[str, int] = field(default_factory=dict)
     done: FrozenSet[str] = frozenset()
+    cluster: Optional[ClusterSpec] = None  # where the `place` pass puts models; None or no nodes = this process
 
     @classmethod
     def for_cost(cls, cost: CostModel, config: Optional[CompilerConfig] = None, resident: Mapping[str, int] = {},
-                 done: FrozenSet[str] = frozenset()) -> "PassContext":
-        return cls(cost, config or CompilerConfig(), frozenset(cost.expert_model), dict(resident), done)
+                 done: FrozenSet[str] = frozenset(), cluster: Optional[ClusterSpec] = None) -> "PassContext":
+        return cls(cost, config or CompilerConfig(), frozenset(cost.expert_model), dict(resident), done, cluster)

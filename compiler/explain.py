@@ -18,6 +18,8 @@ def explain_text(before: Graph, plan: Plan) -> str:
         if name != "input":  # the pass manager's first dump is the input graph, already shown above
             out += [f"== IR after {name}", text]
     out += ["== plan", plan.dump()]
+    if plan.devices:  # on a cluster: where each model lives and what each device runs
+        out += ["== placement", plan.placement_text()]
     budget = "unlimited" if plan.memory_budget is None else _gib(plan.memory_budget)
     calls = plan.count(StepKind.GENERATE)
     hosts = plan.count(StepKind.HOST)

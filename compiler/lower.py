@@ -15,6 +15,10 @@ Dependencies (each a one-line reason):
   batch), and the previous evict (evictions happen in planned order);
 - load -> the latest evict before it in planned order.
 
+On a cluster (a `placement` annotation) all of this holds per device: residency events carry their device,
+loads/evicts/generates name it (`Step.node`, `Step.device`), evictions chain per device, and the argument below
+holds for each device's memory separately.
+
 Why that is enough for *any* execution order to stay within the budget: executed evictions are
 always a prefix E1..Ek of the planned ones (they are chained), and a load can only have run if the
 evict before it did, so every executed load lies before E(k+1) in planned order. What is resident is
@@ -33,18 +37,27 @@ from compiler.passes.batch import check_batches
 from compiler.passes.residency import Op
 from compiler.plan import Plan, Step, StepKind
 
+Key = tuple[str, int]  # (model, device position; -1 = this process)
+
 
 @dataclass
 class Lowering:
     """Lowering's memory of the steps issued so far (one instance per plan, fed increment by increment)."""
 
+    # Residency state is per (model, device): device is the position in the placement, -1 = this process.
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     step_of_node: dict[str, str] = field(default_factory=dict)  # node id -> the step that answers it
-    load_of: dict[str, str | None] = field(default_factory=dict)  # resident model -> its load (None: from start)
-    runs_of: dict[str, list[str]] = field(default_factory=dict)  # resident model -> generates since its load
-    stream_of: dict[str, int] = field(default_factory=dict)  # model -> compute stream (first use, round robin)
-    reserved: dict[str, int] = field(default_factory=dict)  # resident model -> bytes reserved for it
-    last_evict: str | None = None
+    load_of: dict[Key, str | None] = field(default_factory=dict)  # resident model -> its load (None: from start)
+    runs_of: dict[Key, list[str]] = field(default_factory=dict)  # resident model -> generates since its load
+    stream_of: dict[Key, int] = field(default_factory=dict)  # model -> compute stream (first use, round robin)
+    reserved: dict[str, int] = field(default_factory=dict)  # resident model -> bytes reserved (this process)
+    reserved_on: dict[Key, int] = field(default_factory=dict)  # the same on a cluster's devices
+    evicts: dict[int, str] = field(default_factory=dict)  # device -> its latest evict (evictions chain per device)
+    streams_used: dict[int, int] = field(default_factory=dict)  # device -> compute streams handed out
+
+    @property
+    def last_evict(self) -> str | None:
+        return self.evicts.get(-1)
 
     def lower(self, graph: Graph, ctx: PassContext) -> Plan:
         """The steps for every node of `graph` not answered yet, as a plan (all of it, or the next increment)."""
@@ -55,9 +68,13 @@ class Lowering:
         io_stream, host_stream = streams, streams + 1
         steps: list[Step] = []
         evicted_before = self.last_evict  # a grown reservation is only there once earlier evictions ran
+        placement = graph.annotations.get("placement")
+        where = {-1: ("", 0)}  # device position -> (cluster node, device index) written into the steps
+        if placement is not None:
+            where.update({i: (d.node, d.index) for i, d in enumerate(placement.devices)})
         for model in residency.initial:
-            self.load_of.setdefault(model, None)
-            self.runs_of.setdefault(model, [])
+            self.load_of.setdefault((model, -1), None)
+            self.runs_of.setdefault((model, -1), [])
             self.reserved[model] = residency.footprints[model]
 
         # host nodes are emitted as soon as every parent is answered: count what each still waits for
@@ -92,39 +109,50 @@ class Lowering:
 
         emit_hosts(ready)  # nothing (more) to wait for
         for event in residency.events:
-            model = event.model
+            model, dev = event.model, event.device
+            key = (model, dev)
+            node, index = where[dev]
+            last_evict = self.evicts.get(dev)
             if event.op is Op.LOAD:
                 sid = self._new_id("load", model)
-                deps = (self.last_evict,) if self.last_evict else ()
+                deps = (last_evict,) if last_evict else ()
                 steps.append(Step(sid, StepKind.LOAD, model, (), deps, io_stream, ctx.cost.load_seconds(model),
-                                  residency.footprints[model]))
-                self.load_of[model], self.runs_of[model] = sid, []
-                self.reserved[model] = residency.footprints[model]
+                                  residency.footprints[model], node=node, device=index))
+                self.load_of[key], self.runs_of[key] = sid, []
+                self._reserved(dev)[key if dev >= 0 else model] = residency.footprints[model]
             elif event.op is Op.EVICT:
                 sid = self._new_id("evict", model)
-                load = self.load_of.pop(model)
-                deps = ([load] if load else []) + self.runs_of.pop(model) + ([self.last_evict] if self.last_evict else [])
-                steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0, self.reserved.pop(model)))
-                self.last_evict = sid
+                load = self.load_of.pop(key)
+                deps = ([load] if load else []) + self.runs_of.pop(key) + ([last_evict] if last_evict else [])
+                steps.append(Step(sid, StepKind.EVICT, model, (), tuple(deps), io_stream, 0.0, self._reserved(dev).pop(key if dev >= 0 else model),
+                                  node=node, device=index))
+                self.evicts[dev] = sid
             else:
                 b = batches[event.batch]
                 sid = self._new_id("gen", model)
-                deps = {self.load_of[model]: None} if self.load_of[model] else {}  # ordered set: deterministic
-                if model in residency.grown and evicted_before:
+                deps = {self.load_of[key]: None} if self.load_of[key] else {}  # ordered set: deterministic
+                if model in residency.grown and evicted_before and dev < 0:
                     deps[evicted_before] = None
                 for nid in b.nodes:
                     for parent in graph.nodes[nid].parents:
                         deps[self.step_of_node[parent]] = None
-                stream = self.stream_of.setdefault(model, len(self.stream_of) % streams)
+                if key not in self.stream_of:  # round robin over the device's compute streams, by first use
+                    used = self.streams_used.get(dev, 0)
+                    self.stream_of[key], self.streams_used[dev] = used % streams, used + 1
+                stream = self.stream_of[key]
                 steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.bytes,
-                                  b.slots))
-                self.runs_of[model].append(sid)
+                                  b.slots, node=node, device=index))
+                self.runs_of[key].append(sid)
                 parts = [p for nid in b.nodes for p in graph.nodes[nid].fused_from[:-1]]  # answered by this call
                 answered([*b.nodes, *parts], sid)
 
+        devices = {} if placement is None else {d.key: d.memory for d in placement.devices}
         return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
                     dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
-                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial)
+                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial, devices=devices)
+
+    def _reserved(self, dev: int) -> dict:
+        return self.reserved_on if dev >= 0 else self.reserved
 
     def _new_id(self, prefix: str, model: str) -> str:
         k = self.counters.get((prefix, model), 0)

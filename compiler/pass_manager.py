@@ -100,8 +100,9 @@ class PassManager:
                 raise PassError(p.name, TypeError(f"returned {type(out).__name__}, not a Graph"))
             if self.verify_each:
                 self._verify(out, ctx, p, skip_ir=_same_snapshot(before, _snapshot(out)))
+            if not _idle(p, graph, out):
+                self._dump(p.name, out)
             graph = out
-            self._dump(p.name, graph)
         return graph
 
     def _verify(self, graph: Graph, ctx: PassContext, after: Optional[Pass], skip_ir: bool = False) -> None:
@@ -126,6 +127,12 @@ class PassManager:
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / f"{len(self.dumps) - 1:02d}-{name}.txt").write_text(text + "\n", encoding="utf-8")
+
+
+def _idle(p: Pass, before: Graph, after: Graph) -> bool:
+    """The pass had nothing to do here (returned its input without what it provides, e.g. `place` on one
+    process): its dump would repeat the previous one, so none is kept."""
+    return after is before and bool(p.provides) and not p.provides & set(after.annotations)
 
 
 def _snapshot(graph: Graph) -> tuple:

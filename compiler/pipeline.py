@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from compiler.cluster import ClusterSpec
 from compiler.config import CompilerConfig, PassContext
+from compiler.errors import ConfigError
 from compiler.cost import CostModel
 from compiler.ir import Graph
 from compiler.lower import lower
@@ -30,13 +32,21 @@ class CompileReport:
 
 
 def compile(graph: Graph, cost_model: CostModel, config: Optional[CompilerConfig] = None,  # noqa: A001
-            resident: Iterable[str] = ()) -> Plan:
+            resident: Iterable[str] = (), cluster: Optional[ClusterSpec] = None) -> Plan:
     """Verify, run the configured passes (verifying after each), lower to a Plan and verify it; `plan.report`
-    has timings. `resident`: models already loaded when the plan starts (they need no load step)."""
+    has timings. `resident`: models already loaded when the plan starts (they need no load step; this process
+    only). `cluster`: the nodes the `place` pass places models on (None or no nodes: this process)."""
     start = time.perf_counter()
     config = config if config is not None else CompilerConfig()
     config.validate()
-    ctx = PassContext.for_cost(cost_model, config, {m: 0 for m in resident if m in cost_model.models})
+    if cluster is not None and cluster.discover:
+        raise ConfigError(f"cluster {cluster.name!r} says discover: true, but its nodes were never read from the "
+                          f"running Ray cluster: resolve it first (compllm.cluster.resolve_cluster)")
+    if cluster is not None and not cluster.is_local:
+        cluster.validate()
+        resident = ()  # nothing is loaded on a cluster's devices before its first plan
+    ctx = PassContext.for_cost(cost_model, config, {m: 0 for m in resident if m in cost_model.models},
+                               cluster=cluster)
     manager = PassManager(config.passes, config.disabled, config.dump_dir, dump=config.dump,
                           verify_each=config.verify)
     with _cyclic_gc_paused():

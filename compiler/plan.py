@@ -6,6 +6,8 @@ which is a topological order of the DAG. The dependencies alone make any executi
 the memory budget (see compiler/lower.py for why), so the executor never re-plans. Streams: generate
 steps use `0..streams-1` (one model's generates share one), loads and evicts use `io_stream`, host steps
 (answers that need no model call) use `host_stream`. `verify()` checks all of this (compiler/plan_verify.py).
+On a cluster (the `place` pass) load/generate/evict steps name their device (`node`, `device`): every device has
+its own streams and its own memory (`Plan.devices`); host steps stay in the coordinating process.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from compiler.cluster import device_key
 from compiler.ir import Graph
 from compiler.serialize import graph_from_dict, graph_to_dict
 
@@ -40,6 +43,12 @@ class Step:
     bytes: int = 0  # load/evict: the model's footprint; generate: the call's KV + workspace
     slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
     node: str = ""  # cluster placement (the `place` pass): the cluster node that runs it; "" = this process
+    device: int = 0  # with `node`: which of that node's devices (a model replica lives on one device)
+
+    @property
+    def where(self) -> str:
+        """The device that runs the step, as plans name it ("node/device"); "" = this process."""
+        return device_key(self.node, self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "kind": self.kind.value, "model": self.model, "nodes": list(self.nodes),
@@ -47,12 +56,14 @@ class Step:
              "slots": self.slots}
         if self.node:
             d["node"] = self.node
+            d["device"] = self.device
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
         return cls(d["id"], StepKind(d["kind"]), d["model"], tuple(d.get("nodes", ())), tuple(d.get("deps", ())),
-                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""))
+                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""),
+                   d.get("device", 0))
 
 
 @dataclass
@@ -68,6 +79,9 @@ class Plan:
     load_extra: dict[str, int] = field(default_factory=dict)  # model -> bytes held only while it loads
     initial: tuple[str, ...] = ()  # models resident when the plan starts (loaded earlier, no load step)
     report: Any = field(default=None, compare=False, repr=False)  # CompileReport: diagnostics, never serialized
+    # On a cluster (`place` pass): every device steps may name ("node/index") -> its memory in bytes (None =
+    # unlimited). Each device is budgeted on its own (runtime base + its resident footprints); empty = local.
+    devices: dict[str, Optional[int]] = field(default_factory=dict)
 
     @property
     def io_stream(self) -> int:
@@ -97,15 +111,18 @@ class Plan:
     def memory_profile(self) -> list[tuple[str, int, int]]:
         """(step id, planned bytes held after it, the most held while it runs), in plan order. Both include the
         runtime's base and the models resident from the start; a load also holds its transient while it runs."""
-        held = self.base_bytes + sum(self.footprints.get(m, 0) for m in self.initial)
+        base = self.base_bytes + sum(self.footprints.get(m, 0) for m in self.initial)
+        held_on: dict[str, int] = {}  # device -> bytes held on it (on a cluster every device holds its own)
         out = []
         for s in self.steps:
+            held = held_on.get(s.where, base)
             during = held
             if s.kind is StepKind.LOAD:
                 during = held + s.bytes + self.load_extra.get(s.model, 0)
                 held += s.bytes
             elif s.kind is StepKind.EVICT:
                 held -= s.bytes
+            held_on[s.where] = held
             out.append((s.id, held, max(during, held)))
         return out
 
@@ -124,10 +141,11 @@ class Plan:
     def estimated_span_s(self) -> float:
         """Makespan when each stream runs its steps one at a time in plan order, each after its deps."""
         finish: dict[str, float] = {}
-        free: dict[int, float] = {}
+        free: dict[tuple[str, int, int], float] = {}
         for s in self.steps:
-            start = max(max((finish[d] for d in s.deps), default=0.0), free.get(s.stream, 0.0))
-            finish[s.id] = free[s.stream] = start + s.est_s
+            lane = (s.node, s.device, s.stream)
+            start = max(max((finish[d] for d in s.deps), default=0.0), free.get(lane, 0.0))
+            finish[s.id] = free[lane] = start + s.est_s
         return max(finish.values(), default=0.0)
 
     def verify(self, cost: Any = None, orders: int = 3) -> None:
@@ -154,7 +172,34 @@ class Plan:
             what = f"{s.kind.value} {s.model}".rstrip() + (f" ({', '.join(s.nodes)})" if s.nodes else "")
             what += f" {s.slots} at a time" if s.slots else ""
             deps = f" after {', '.join(s.deps)}" if s.deps else ""
-            lines.append(f"  [{s.stream}] {sid}: {what}{deps} | held={held:,}")
+            at = f"{s.where} " if s.node else ""
+            lines.append(f"  [{at}{s.stream}] {sid}: {what}{deps} | held={held:,}")
+        return "\n".join(lines)
+
+    def placement_text(self) -> str:
+        """Per device: the models loaded there, its calls and their estimated seconds (`explain` on a cluster)."""
+        if not self.devices:
+            return "placement: this process (cluster=local)"
+        models: dict[str, list[str]] = {k: [] for k in self.devices}
+        calls: dict[str, int] = {k: 0 for k in self.devices}
+        work: dict[str, float] = {k: 0.0 for k in self.devices}
+        for s in self.steps:
+            if s.kind is StepKind.LOAD and s.model not in models[s.where]:
+                models[s.where].append(s.model)
+            elif s.kind is StepKind.GENERATE:
+                calls[s.where] += 1
+                work[s.where] += s.est_s
+        replicas: dict[str, list[str]] = {}
+        for k, ms in models.items():
+            for m in ms:
+                replicas.setdefault(m, []).append(k)
+        lines = [f"placement: {len(self.devices)} device(s), {sum(map(len, replicas.values()))} replica(s) of "
+                 f"{len(replicas)} model(s)"]
+        for k, budget in self.devices.items():
+            mem = "unlimited" if budget is None else f"{budget / 1e9:.1f} GB"
+            lines.append(f"  {k} ({mem}): {', '.join(models[k]) or '(idle)'}; {calls[k]} call(s), "
+                         f"{work[k]:.2f} s estimated")
+        lines += [f"  {m}: {len(ks)} replica(s)" for m, ks in replicas.items()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +215,7 @@ class Plan:
             "aliases": dict(self.aliases),
             "steps": [s.to_dict() for s in self.steps],
             "graph": None if self.graph is None else graph_to_dict(self.graph),
+            **({"devices": dict(self.devices)} if self.devices else {}),
         }
 
     def to_json(self, indent: Optional[int] = None) -> str:
@@ -191,6 +237,7 @@ class Plan:
             base_bytes=d.get("base_bytes", 0),
             load_extra=dict(d.get("load_extra", {})),
             initial=tuple(d.get("initial", ())),
+            devices=dict(d.get("devices", {})),
         )
 
     @classmethod

@@ -6,7 +6,8 @@ on its own model when a cost model is given; each answering step depends directl
 nodes' parents; one model's generates share a compute stream, loads/evicts use the io stream, host steps the
 host stream; and memory: replayed in plan order and in random linear extensions of the step DAG (orders an
 eager dataflow executor may pick), every generate finds its model resident and the process never holds more
-than the budget (runtime base + resident footprints + a load's transient).
+than the budget (runtime base + resident footprints + a load's transient); on a cluster, per device (each
+device against its memory in `plan.devices`, every step on a device the plan knows, host steps local).
 """
 from __future__ import annotations
 
@@ -80,11 +81,17 @@ def _check_coverage(plan: "Plan", cost: Any) -> None:
 
 
 def _check_streams(plan: "Plan") -> None:
-    stream_of: dict[str, int] = {}
+    stream_of: dict[tuple[str, str], int] = {}
     for s in plan.steps:
+        if s.node and s.where not in plan.devices:
+            raise PlanError(f"{s.id!r} runs on device {s.where!r}, which is not one of the plan's devices "
+                            f"({', '.join(plan.devices) or 'none: a local plan'})")
+        if s.node and s.kind is StepKind.HOST:
+            raise PlanError(f"{s.id!r}: host steps run in the coordinating process, not on {s.where!r}")
         if s.kind is StepKind.GENERATE:
-            if stream_of.setdefault(s.model, s.stream) != s.stream or not 0 <= s.stream < plan.streams:
-                raise PlanError(f"{s.id!r}: generates of {s.model!r} must share one compute stream in "
+            where = f" on {s.where}" if s.node else ""
+            if stream_of.setdefault((s.model, s.where), s.stream) != s.stream or not 0 <= s.stream < plan.streams:
+                raise PlanError(f"{s.id!r}: generates of {s.model!r}{where} must share one compute stream in "
                                 f"0..{plan.streams - 1}")
         elif s.kind is StepKind.HOST and s.stream != plan.host_stream:
             raise PlanError(f"{s.id!r}: host steps run on stream {plan.host_stream}, not {s.stream}")
@@ -93,28 +100,42 @@ def _check_streams(plan: "Plan") -> None:
 
 
 def replay_memory(plan: "Plan", order: Sequence[Step]) -> int:
-    """Replay residency in `order`; returns the peak bytes held. Raises PlanError on any violation."""
-    resident = {m: plan.footprints.get(m, 0) for m in plan.initial}
+    """Replay residency in `order`; returns the peak bytes held (on the fullest device, on a cluster). Raises
+    PlanError on any violation. On a cluster each device is replayed on its own, against its own memory."""
+    lanes: dict[str, list[Step]] = {"": []} if not plan.devices else {}
+    for s in order:
+        if s.kind is not StepKind.HOST:
+            lanes.setdefault(s.where, []).append(s)
+    peak = 0
+    for where, steps in lanes.items():
+        budget = plan.memory_budget
+        if where and plan.devices.get(where) is not None:
+            budget = plan.devices[where] if budget is None else min(budget, plan.devices[where])
+        peak = max(peak, _replay_device(plan, steps, budget, f" on {where}" if where else ""))
+    return peak
+
+
+def _replay_device(plan: "Plan", order: Sequence[Step], budget: Optional[int], on: str) -> int:
+    resident = {m: plan.footprints.get(m, 0) for m in (plan.initial if not on else ())}
     held = plan.base_bytes + sum(resident.values())
     peak = held
-    budget: Optional[int] = plan.memory_budget
     for s in order:
         during = held
         if s.kind is StepKind.LOAD:
             if s.model in resident:
-                raise PlanError(f"{s.id}: {s.model!r} is loaded while already resident")
+                raise PlanError(f"{s.id}: {s.model!r} is loaded while already resident{on}")
             during = held + s.bytes + plan.load_extra.get(s.model, 0)
             resident[s.model] = s.bytes
             held += s.bytes
         elif s.kind is StepKind.EVICT:
             if s.model not in resident:
-                raise PlanError(f"{s.id}: {s.model!r} is evicted while not resident")
+                raise PlanError(f"{s.id}: {s.model!r} is evicted while not resident{on}")
             held -= resident.pop(s.model)
         elif s.kind is StepKind.GENERATE and s.model not in resident:
-            raise PlanError(f"{s.id}: generate on {s.model!r}, which is not resident")
+            raise PlanError(f"{s.id}: generate on {s.model!r}, which is not resident{on}")
         peak = max(peak, during, held)
         if budget is not None and max(during, held) > budget:
-            raise PlanError(f"at {s.id}: {max(during, held):,} bytes held > budget {budget:,}")
+            raise PlanError(f"at {s.id}: {max(during, held):,} bytes held{on} > budget {budget:,}")
     return peak
 
 

@@ -18,6 +18,11 @@ extra streams never pretend to be extra GPUs; loads/evicts use the host link and
 `shared_device=False` treats every compute stream as its own device (the plan's idealized estimate,
 `Plan.estimated_span_s`, which the simulation then reproduces).
 
+A cluster (a plan placed by the `place` pass, `plan.devices` non-empty): every device runs its own streams
+side by side (see `compiler.walker`) and holds its own memory, checked against its own budget; the bytes and
+work bounds divide by the number of devices (x compute streams per device, which then run as devices of
+their own); `device_busy_s` is each device's generate seconds, and stream busy times are means over devices.
+
 Lower bound = max(critical path, bytes read / bandwidth):
 - critical path: the longest chain of simulated step durations through the deps (infinite streams);
 - bytes read, per generate step: its model's weights once per decode step (every step of a batched decode
@@ -46,6 +51,8 @@ from compiler.cost import CostModel
 from compiler.plan import Plan, Step, StepKind
 from compiler.walker import PlanWalker
 
+Slot = tuple[str, str]  # (device "node/index" or "" for this process, model)
+
 #: H100 SXM HBM3 peak bandwidth (bytes/s): the default simulated GPU.
 DEFAULT_BANDWIDTH_BPS = 3.35e12
 
@@ -64,6 +71,7 @@ class TraceSpan(NamedTuple):
     kind: str
     model: str
     nodes: tuple[str, ...] = ()
+    where: str = ""  # on a cluster: the device ("node/index") it ran on
 
 
 @dataclass
@@ -88,6 +96,9 @@ class SimResult:
     peak_used_bytes: int  # weights of loaded/loading models + KV of running batches
     memory_budget: Optional[int]
     steps_faster_than_bandwidth: int
+    # On a cluster (a placed plan): seconds each device ("node/index") ran generates; devices in the bounds.
+    device_busy_s: dict[str, float] = field(default_factory=dict)
+    devices: int = 1
     spans: list[TraceSpan] = field(default_factory=list, repr=False)  # in completion order
     memory_timeline: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (t, reserved bytes)
 
@@ -98,7 +109,12 @@ class SimResult:
 
     @property
     def compute_utilisation(self) -> float:
-        return self.compute_busy_s / self.makespan_s if self.makespan_s > 0 else 0.0
+        """Share of the makespan the compute was busy (on a cluster: averaged over the devices)."""
+        if self.makespan_s <= 0:
+            return 0.0
+        if self.device_busy_s:
+            return sum(self.device_busy_s.values()) / (self.devices * self.makespan_s)
+        return self.compute_busy_s / self.makespan_s
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly numbers (no spans or timeline)."""
@@ -158,7 +174,14 @@ def simulate(plan: Plan, cost: CostModel, *, bandwidth_Bps: Optional[float] = No
 
     critical = _critical_path(steps, index, costs.seconds)
     gen_idx = [i for i, s in enumerate(steps) if s.kind is StepKind.GENERATE]
-    devices = 1 if shared_device else max(1, len({steps[i].stream for i in gen_idx}))
+    if plan.devices:  # a placed plan: every device of the cluster could have run generates
+        devices = max(1, len(plan.devices)) * plan.streams  # streams of a device run side by side there
+    else:
+        devices = 1 if shared_device else max(1, len({steps[i].stream for i in gen_idx}))
+    device_busy: dict[str, float] = {k: 0.0 for k in plan.devices}
+    for sp in run.spans:
+        if sp.kind == StepKind.GENERATE.value and sp.where:
+            device_busy[sp.where] += sp.end - sp.start
     bytes_read = sum(costs.read_bytes[i] for i in gen_idx)
     bytes_bound = bytes_read / (bandwidth * devices)
     faster = sum(1 for i in gen_idx if costs.seconds[i] < costs.read_bytes[i] / bandwidth * (1 - 1e-9))
@@ -173,7 +196,8 @@ def simulate(plan: Plan, cost: CostModel, *, bandwidth_Bps: Optional[float] = No
         compute_streams=plan.streams, shared_device=shared_device, stream_busy_s=busy,
         stream_utilisation={k: (v / makespan if makespan > 0 else 0.0) for k, v in busy.items()},
         compute_busy_s=run.compute_busy, peak_resident_bytes=run.peak_reserved, peak_used_bytes=run.peak_used,
-        memory_budget=plan.memory_budget, steps_faster_than_bandwidth=faster, spans=run.spans,
+        memory_budget=plan.memory_budget, steps_faster_than_bandwidth=faster, device_busy_s=device_busy,
+        devices=devices, spans=run.spans,
         memory_timeline=run.timeline,
     )
 
@@ -211,16 +235,23 @@ class _Run:
         self.seq = 0
         self.now = self.work = 0.0
         self.gens = 0  # generates running
-        # memory: the base and the models resident from the start are held throughout
-        self.resident: dict[str, str] = {m: "loaded" for m in plan.initial}  # model -> "loading" | "loaded"
-        self.reserved_of: dict[str, int] = {m: plan.footprints.get(m, 0) for m in plan.initial}
-        self.gens_of: dict[str, int] = {}
-        self.reserved = plan.base_bytes + sum(self.reserved_of.values())
-        self.used = plan.base_bytes + sum(cost.cost(m).weight_bytes for m in plan.initial)
-        self.peak_reserved, self.peak_used = self.reserved, self.used
-        self.timeline: list[tuple[float, int]] = [(0.0, self.reserved)]
+        # one device per step placement ("" = this process; a placed plan: each of plan.devices on its own,
+        # processor sharing within a device only); memory: the base and the initial models are held throughout
+        self.shared = shared and not plan.devices
+        self.resident: dict[Slot, str] = {("", m): "loaded" for m in plan.initial}  # -> "loading" | "loaded"
+        self.reserved_of: dict[Slot, int] = {("", m): plan.footprints.get(m, 0) for m in plan.initial}
+        self.gens_of: dict[Slot, int] = {}
+        wheres = list(plan.devices) or [""]
+        self.reserved_on = {w: plan.base_bytes for w in wheres}
+        self.used_on = {w: plan.base_bytes for w in wheres}
+        self.reserved_on[""] = plan.base_bytes + sum(self.reserved_of.values())
+        self.used_on[""] = plan.base_bytes + sum(cost.cost(m).weight_bytes for m in plan.initial)
+        self.total_reserved = sum(self.reserved_on.values())
+        self.peak_reserved, self.peak_used = max(self.reserved_on.values()), max(self.used_on.values())
+        self.timeline: list[tuple[float, int]] = [(0.0, self.total_reserved)]
         # results
-        self.busy: dict[int, float] = {s.stream: 0.0 for s in plan.steps}
+        self.busy: dict[int, float] = {s.stream: 0.0 for s in plan.steps}  # a cluster: the mean over devices
+        self.per_stream = max(1, len(plan.devices))
         self.compute_busy = 0.0
         self.spans: list[TraceSpan] = []
 
@@ -264,58 +295,65 @@ class _Run:
                 heapq.heappush(self.timed, (self.now + seconds, self.seq, i))
 
     def _on_start(self, s: Step, i: int) -> None:
-        state = self.resident.get(s.model)
+        slot, w = (s.where, s.model), s.where
+        state = self.resident.get(slot)
+        on = f" on {w}" if w else ""
         if s.kind is StepKind.LOAD:
             if state is not None:
-                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {s.model!r} is already resident")
-            self.resident[s.model] = "loading"
-            self.reserved_of[s.model] = s.bytes or self.plan.footprints.get(s.model, 0)
+                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {s.model!r} is already resident{on}")
+            self.resident[slot] = "loading"
+            self.reserved_of[slot] = s.bytes or self.plan.footprints.get(s.model, 0)
             extra = self.plan.load_extra.get(s.model, 0)
-            self._memory(self.reserved_of[s.model] + extra, self.cost.cost(s.model).weight_bytes + extra)
+            self._memory(w, self.reserved_of[slot] + extra, self.cost.cost(s.model).weight_bytes + extra)
             budget = self.plan.memory_budget
-            if budget is not None and self.reserved > budget:
-                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {self.reserved:,} bytes reserved > budget "
-                                    f"{budget:,} (resident: {', '.join(self.resident)})")
+            if w and self.plan.devices.get(w) is not None:
+                budget = self.plan.devices[w] if budget is None else min(budget, self.plan.devices[w])
+            if budget is not None and self.reserved_on[w] > budget:
+                here = ", ".join(m for where, m in self.resident if where == w)
+                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: {self.reserved_on[w]:,} bytes reserved{on} > "
+                                    f"budget {budget:,} (resident: {here})")
         elif s.kind is StepKind.GENERATE:
             if state != "loaded":
-                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: generate on {s.model!r}, which is "
+                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: generate on {s.model!r}{on}, which is "
                                     f"{'still loading' if state else 'not resident'}")
-            self.gens_of[s.model] = self.gens_of.get(s.model, 0) + 1
+            self.gens_of[slot] = self.gens_of.get(slot, 0) + 1
             self.gens += 1
-            self._memory(0, self.costs.kv_bytes[i])
+            self._memory(w, 0, self.costs.kv_bytes[i])
         elif s.kind is StepKind.EVICT:
             if state != "loaded":
-                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: evicting {s.model!r}, which is "
+                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: evicting {s.model!r}{on}, which is "
                                     f"{'still loading' if state else 'not resident'}")
-            if self.gens_of.get(s.model):
-                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: evicting {s.model!r} under a running batch")
+            if self.gens_of.get(slot):
+                raise PlanViolation(f"{s.id} at t={self.now:.6g}s: evicting {s.model!r}{on} under a running batch")
 
     def _complete(self, i: int) -> None:
         s = self.plan.steps[i]
         self.walker.finish(s.id)
         start = self.start.pop(i)
-        self.busy[s.stream] += self.now - start
-        self.spans.append(TraceSpan(s.id, s.stream, start, self.now, s.kind.value, s.model, s.nodes))
+        self.busy[s.stream] += (self.now - start) / self.per_stream
+        self.spans.append(TraceSpan(s.id, s.stream, start, self.now, s.kind.value, s.model, s.nodes, s.where))
+        slot, w = (s.where, s.model), s.where
         if s.kind is StepKind.LOAD:
-            self.resident[s.model] = "loaded"
+            self.resident[slot] = "loaded"
             extra = self.plan.load_extra.get(s.model, 0)
-            self._memory(-extra, -extra)
+            self._memory(w, -extra, -extra)
         elif s.kind is StepKind.GENERATE:
-            self.gens_of[s.model] -= 1
+            self.gens_of[slot] -= 1
             self.gens -= 1
-            self._memory(0, -self.costs.kv_bytes[i])
+            self._memory(w, 0, -self.costs.kv_bytes[i])
         elif s.kind is StepKind.EVICT:
-            del self.resident[s.model]
-            self._memory(-self.reserved_of.pop(s.model), -self.cost.cost(s.model).weight_bytes)
+            del self.resident[slot]
+            self._memory(w, -self.reserved_of.pop(slot), -self.cost.cost(s.model).weight_bytes)
         self._start_ready()
 
-    def _memory(self, reserved: int, used: int) -> None:
-        self.reserved += reserved
-        self.used += used
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        self.peak_used = max(self.peak_used, self.used)
+    def _memory(self, where: str, reserved: int, used: int) -> None:
+        self.reserved_on[where] += reserved
+        self.used_on[where] += used
+        self.total_reserved += reserved
+        self.peak_reserved = max(self.peak_reserved, self.reserved_on[where])
+        self.peak_used = max(self.peak_used, self.used_on[where])
         if reserved:
-            self.timeline.append((self.now, self.reserved))
+            self.timeline.append((self.now, self.total_reserved))
 
 
 # --- Chrome trace-event JSON -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The executor contract in one place: which plan steps may start now.
 
 A step may start once every dependency is done and it is the first not-yet-started step of its stream (steps
-of one stream run one at a time, in plan order). The local executor (threads), the simulator (a virtual clock)
+of one stream run one at a time, in plan order). On a cluster every device has its own streams: a stream is
+(`Step.node`, `Step.device`, `Step.stream`), so devices run side by side. The local executor (threads), the simulator (a virtual clock)
 and any other executor drive the same walker, so they cannot disagree about the contract. Steps can be
 appended while a plan runs (plan increments): started and finished steps are never changed.
 """
@@ -12,6 +13,13 @@ from typing import Iterable
 
 from compiler.plan import Step
 
+Lane = tuple[str, int, int]
+
+
+def lane(step: Step) -> Lane:
+    """The stream a step runs on: (cluster node, device, stream); ("", 0, stream) in one process."""
+    return step.node, step.device, step.stream
+
 
 class PlanWalker:
     def __init__(self, steps: Iterable[Step] = ()):
@@ -19,8 +27,8 @@ class PlanWalker:
         self._position: dict[str, int] = {}
         self._waiting: dict[str, int] = {}  # step id -> dependencies not done yet
         self._dependents: dict[str, list[str]] = {}
-        self._queues: dict[int, deque[str]] = {}  # stream -> its steps not started yet, in plan order
-        self._busy: set[int] = set()  # streams with a step running
+        self._queues: dict[Lane, deque[str]] = {}  # stream -> its steps not started yet, in plan order
+        self._busy: set[Lane] = set()  # streams with a step running
         self._done: set[str] = set()
         self.extend(steps)
 
@@ -38,7 +46,7 @@ class PlanWalker:
             self._waiting[step.id] = sum(1 for d in deps if d not in self._done)
             for d in deps:
                 self._dependents.setdefault(d, []).append(step.id)
-            self._queues.setdefault(step.stream, deque()).append(step.id)
+            self._queues.setdefault(lane(step), deque()).append(step.id)
 
     def ready(self) -> list[Step]:
         """Start (and return, in plan order) every step that may start now: its stream becomes busy."""
@@ -52,7 +60,7 @@ class PlanWalker:
     def finish(self, step_id: str) -> None:
         """Mark a started step done: its stream is free, its dependents wait for one step less."""
         step = self.steps[step_id]
-        self._busy.discard(step.stream)
+        self._busy.discard(lane(step))
         self._done.add(step_id)
         for child in self._dependents.get(step_id, ()):
             self._waiting[child] -= 1

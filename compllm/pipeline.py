@@ -13,11 +13,13 @@ from typing import Any, Callable, Sequence
 
 from compiler import CompilerConfig, CostModel, Plan, compile
 from compiler.build import BuildLimits, FinalAnswer, RoutedSubQuery, add_query
+from compiler.cluster import ClusterSpec
 from compiler.ir import AGGREGATOR, Graph
 from compiler.verify import GraphError, verify
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.calibration import build_cost_model, recheck_calibration
+from compllm.cluster import resolve_cluster
 from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
 from compllm.frontend.router import EmbeddingRouter, Route
@@ -38,11 +40,13 @@ class Pipeline:
     def __init__(self, pool: ModelPool, experts: dict[str, Expert], decomposer: Decomposer,
                  router: EmbeddingRouter, aggregator: Aggregator, policy: Executor, max_answer_chars: int = 400,
                  compiler_config: CompilerConfig | None = None, cache_dir: str | None = None,
-                 retry: RetryPolicy | None = None, auto_calibrate: bool = False, show_progress: bool = False):
+                 retry: RetryPolicy | None = None, auto_calibrate: bool = False, show_progress: bool = False,
+                 cluster: ClusterSpec | None = None):
         self.pool, self.experts = pool, dict(experts)
         self.decomposer, self.router, self.aggregator, self.policy = decomposer, router, aggregator, policy
         self.max_answer_chars = max_answer_chars
         self.compiler_config = compiler_config or CompilerConfig()
+        self.cluster = cluster  # where the `place` pass puts models; None / no nodes = this process
         self.cache_dir = cache_dir
         self.retry = retry or RetryPolicy()
         self.auto_calibrate = auto_calibrate
@@ -138,7 +142,8 @@ class Pipeline:
     def compile_with(self, config: CompilerConfig, graph: Graph) -> Plan:
         self.prepare()
         with self._stage("compile"):
-            return compile(graph, self.cost, config, resident=self.pool.loaded())
+            # a discovered cluster is read again at every compile: nodes that joined or left are planned for
+            return compile(graph, self.cost, config, resident=self.pool.loaded(), cluster=resolve_cluster(self.cluster))
 
     # --- the whole pipe -----------------------------------------------------------------------------
     def run(self, queries: Sequence[str], progress: Callable[[int], Any] | None = None,

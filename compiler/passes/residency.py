@@ -41,6 +41,7 @@ class Event:
     op: Op
     model: str
     batch: int = -1
+    device: int = -1  # on a cluster: the position of the device in the placement; -1 = this process
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Residency:
         lines = [f"residency policy={self.policy.value} loads={self.loads} evictions={self.evictions}"
                  + (f" initially resident: {', '.join(self.initial)}" if self.initial else "")]
         lines += [f"  footprint {m}={b}" for m, b in self.footprints.items()]
-        lines += [f"  {e.op.value} {e.model}" + (f" batch {e.batch}" if e.op is Op.RUN else "") for e in self.events]
+        lines += [f"  {e.op.value} {e.model}" + (f" batch {e.batch}" if e.op is Op.RUN else "")
+                  + (f" on device {e.device}" if e.device >= 0 else "") for e in self.events]
         return "\n".join(lines)
 
 
@@ -72,9 +74,46 @@ def residency(graph: Graph, ctx: PassContext) -> Graph:
     batches = graph.annotations["batches"]
     order = graph.annotations["schedule"].order
     out = graph.copy()
-    out.annotations["residency"] = build_residency(batches, order, ctx.cost, ctx.config.planning_budget,
-                                                   ctx.config.residency, ctx.resident)
+    placement = graph.annotations.get("placement")
+    if placement is None:
+        out.annotations["residency"] = build_residency(batches, order, ctx.cost, ctx.config.planning_budget,
+                                                       ctx.config.residency, ctx.resident)
+    else:
+        out.annotations["residency"] = build_device_residency(batches, placement.order or order, ctx.cost,
+                                                              placement, ctx.config.residency)
     return out
+
+
+def build_device_residency(batches: tuple[Batch, ...], order: tuple[int, ...], cost: CostModel, placement,
+                           policy: ResidencyPolicy) -> Residency:
+    """On a cluster: Belady (or LRU) on every device separately, over the calls placed on it in planned order,
+    under that device's budget; the per-device events are merged back into one planned order (each device's
+    events up to a call come right before that call). Nothing starts resident on a cluster."""
+    sizes = footprints(batches, cost)
+    extra = {m: cost.cost(m).load_extra_bytes for m in sizes}
+    per_device: dict[int, list[int]] = {}
+    for i in order:
+        per_device.setdefault(placement.batch_device[i], []).append(i)
+    queues: dict[int, list[Event]] = {}
+    for d, idx in per_device.items():
+        budget = placement.budgets[d]
+        capacity = math.inf if budget is None else budget - cost.base_bytes
+        events = plan_residency([batches[i].model for i in idx], sizes, extra, capacity, policy)
+        queues[d] = [Event(e.op, e.model, idx[e.batch] if e.op is Op.RUN else -1, d) for e in events]
+    cursor = {d: 0 for d in queues}
+    merged: list[Event] = []
+    for i in order:
+        d = placement.batch_device[i]
+        q = queues[d]
+        while True:
+            e = q[cursor[d]]
+            cursor[d] += 1
+            merged.append(e)
+            if e.op is Op.RUN:
+                break
+    for d, q in queues.items():  # evictions after a device's last call (none today; kept for completeness)
+        merged.extend(q[cursor[d]:])
+    return Residency(tuple(merged), sizes, extra, (), policy)
 
 
 def footprints(batches: tuple[Batch, ...], cost: CostModel, resident: Mapping[str, int] = {}) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """Config -> objects, the Hydra way: `_target_` groups with `instantiate`, dataclass-schema groups (compiler,
-experts, aggregator, retry) with `OmegaConf.to_object`, after the cross-group checks of `check_config`."""
+cluster, experts, aggregator, retry) with `OmegaConf.to_object`, after the cross-group checks of `check_config`."""
 from __future__ import annotations
 
 from hydra.utils import instantiate
@@ -22,6 +22,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         policy=instantiate(cfg.policy),
         max_answer_chars=cfg.max_answer_chars,
         compiler_config=OmegaConf.to_object(cfg.compiler),
+        cluster=OmegaConf.to_object(cfg.cluster),
         cache_dir=cfg.cache_dir,
         retry=OmegaConf.to_object(cfg.retry),
         auto_calibrate=cfg.auto_calibrate,

@@ -2,7 +2,7 @@
 
 A misspelt key, a wrong type or a value outside an Enum fails before any model loads, with Hydra naming the key
 and listing the valid values. One dataclass per concept: where compllm has a runtime dataclass for a concept
-(`CompilerConfig`, `Expert`, `Aggregator`, `RetryPolicy`, `FaultSettings`) it *is* the schema, and the app
+(`CompilerConfig`, `ClusterSpec`, `Expert`, `Aggregator`, `RetryPolicy`, `FaultSettings`) it *is* the schema, and the app
 builds the object from the config with `OmegaConf.to_object`; groups that name a class to build (`_target_`:
 decomposer, router, policy, model sources, benchmark loaders, systems) get a schema of their own here.
 Registered in Hydra's ConfigStore as `compllm_schema`, the base of `conf/config.yaml`.
@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from compiler.cluster import ClusterSpec
 from compiler.config import CompilerConfig
 from compllm.backends.faulty import FaultSettings
 from compllm.backends.llamacpp import LlamaCppSettings
@@ -152,6 +153,7 @@ class CompllmConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     aggregator: Aggregator = field(default_factory=Aggregator)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)  # conf/cluster/: local (default), ray, h100_8x8
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     task: TaskConfig = field(default_factory=TaskConfig)
