@@ -117,14 +117,15 @@ class Lowering:
                         deps[self.step_of_node[parent]] = None
                 stream = self.stream_of.setdefault(model, len(self.stream_of) % streams)
                 steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.bytes,
-                                  b.slots))
+                                  b.slots, prefill_saved=b.prefill_saved))
                 self.runs_of[model].append(sid)
                 parts = [p for nid in b.nodes for p in graph.nodes[nid].fused_from[:-1]]  # answered by this call
                 answered([*b.nodes, *parts], sid)
 
         return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
                     dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
-                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial)
+                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial,
+                    engines={m: ctx.cost.engine(m).describe() for m in ctx.cost.engines if m in residency.footprints})
 
     def _new_id(self, prefix: str, model: str) -> str:
         k = self.counters.get((prefix, model), 0)

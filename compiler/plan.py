@@ -40,6 +40,7 @@ class Step:
     bytes: int = 0  # load/evict: the model's footprint; generate: the call's KV + workspace
     slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
     node: str = ""  # cluster placement (the `place` pass): the cluster node that runs it; "" = this process
+    prefill_saved: int = 0  # generate: prompt tokens its engine's prefix cache saves (the `prefix` pass)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "kind": self.kind.value, "model": self.model, "nodes": list(self.nodes),
@@ -47,12 +48,15 @@ class Step:
              "slots": self.slots}
         if self.node:
             d["node"] = self.node
+        if self.prefill_saved:
+            d["prefill_saved"] = self.prefill_saved
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
         return cls(d["id"], StepKind(d["kind"]), d["model"], tuple(d.get("nodes", ())), tuple(d.get("deps", ())),
-                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""))
+                   d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""),
+                   d.get("prefill_saved", 0))
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Plan:
     load_extra: dict[str, int] = field(default_factory=dict)  # model -> bytes held only while it loads
     initial: tuple[str, ...] = ()  # models resident when the plan starts (loaded earlier, no load step)
     report: Any = field(default=None, compare=False, repr=False)  # CompileReport: diagnostics, never serialized
+    engines: dict[str, str] = field(default_factory=dict)  # model -> the engine that runs it (cost.Engine.describe)
 
     @property
     def io_stream(self) -> int:
@@ -89,6 +94,11 @@ class Plan:
 
     def count(self, kind: StepKind) -> int:
         return sum(1 for s in self.steps if s.kind is kind)
+
+    @property
+    def prefill_saved(self) -> int:
+        """Prompt tokens the engines' prefix caches save over the whole plan (summed over its generate steps)."""
+        return sum(s.prefill_saved for s in self.steps)
 
     @property
     def loads(self) -> int:
@@ -149,10 +159,12 @@ class Plan:
             lines.append(f"  resident at start: {', '.join(self.initial)}")
         lines += [f"  footprint {m}={b:,}" + (f" (+{self.load_extra[m]:,} while loading)"
                                               if self.load_extra.get(m) else "") for m, b in self.footprints.items()]
+        lines += [f"  engine {m}: {e}" for m, e in self.engines.items()]
         lines += [f"  alias {a} -> {k}" for a, k in self.aliases.items()]
         for (sid, held, _), s in zip(self.memory_profile(), self.steps):
             what = f"{s.kind.value} {s.model}".rstrip() + (f" ({', '.join(s.nodes)})" if s.nodes else "")
             what += f" {s.slots} at a time" if s.slots else ""
+            what += f" prefill saved {s.prefill_saved}" if s.prefill_saved else ""
             deps = f" after {', '.join(s.deps)}" if s.deps else ""
             lines.append(f"  [{s.stream}] {sid}: {what}{deps} | held={held:,}")
         return "\n".join(lines)
@@ -168,6 +180,7 @@ class Plan:
             "footprints": dict(self.footprints),
             "load_extra": dict(self.load_extra),
             "aliases": dict(self.aliases),
+            **({"engines": dict(self.engines)} if self.engines else {}),
             "steps": [s.to_dict() for s in self.steps],
             "graph": None if self.graph is None else graph_to_dict(self.graph),
         }
@@ -191,6 +204,7 @@ class Plan:
             base_bytes=d.get("base_bytes", 0),
             load_extra=dict(d.get("load_extra", {})),
             initial=tuple(d.get("initial", ())),
+            engines=dict(d.get("engines", {})),
         )
 
     @classmethod

@@ -38,9 +38,11 @@ class Batch:
     bytes: int  # memory the call holds beside its model's weights: KV + prefill workspace
     est_s: float
     slots: int = 0  # rows decoding at once; 0 = all nodes at once (no refill)
+    prefill_saved: int = 0  # prompt tokens the engine's prefix cache saves this call (the `prefix` pass)
 
     def dump(self) -> str:
         slots = f" slots={self.slots}" if self.slots else ""
+        slots += f" prefill_saved={self.prefill_saved}" if self.prefill_saved else ""
         return (f"batch {self.index} level={self.level} model={self.model} bytes={self.bytes}{slots} "
                 f"est={self.est_s:.4g}s nodes({', '.join(self.nodes)})")
 
