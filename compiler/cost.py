@@ -117,6 +117,7 @@ class Engine:
     # Rows that join together are prefilled left-padded to the longest prompt (hf); False: each row computes only
     # its own prompt tokens (llama.cpp's per-sequence prefill, a server's requests).
     left_padded: bool = True
+    note: str = ""  # shown by `explain` (e.g. where a server is and whether its timings were measured)
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -128,7 +129,8 @@ class Engine:
 
     def describe(self) -> str:
         bits = [self.name] + (["prefix cache"] if self.prefix_cache else []) + (
-            [f"server, {self.concurrency} concurrent requests"] if self.remote else [])
+            [f"server, {self.concurrency} concurrent requests"] if self.remote else []) + (
+            [self.note] if self.note else [])
         return ", ".join(bits)
 
 

@@ -25,6 +25,12 @@ prefill ms per computed prompt token, prompt tokens reused from llama.cpp's cach
 * planner (optional, `--planner-queries N`): the full pipeline (streaming planner included) on llama.cpp, the
   queries' text, one run: the planner's ~500-token instructions are the prefix every planner call shares.
 
+Prefix reuse (`prefill_tokens_saved`): prompt tokens llama.cpp did not compute because their KV was restored from
+a saved prefix (the backend's own counters), over the prompt tokens of the llama.cpp `full` runs. The model stays
+loaded across runs, so only the first run starts with nothing saved: `details.prefill_tokens_saved_by` also gives
+that first run alone (`full_first_run`) and what the compiler planned for it (`full_first_run_planned`, the `prefix`
+pass's `plan.prefill_saved`, which counts only each expert's system-prompt prefix).
+
 Resumable: measurements already in the JSON are skipped (`--fresh` starts over). JSON, markdown and PNG are
 rewritten after every measurement: experiments/results/bench_engines.{json,md,png}.
 """
@@ -132,6 +138,7 @@ class Engines:
         record = {"engine": engine, "policy": policy, "workload": graph_key, "wall_s": wall,
                   "median_query_latency_s": statistics.median(latency), "load_before": load_before,
                   "load_after": loadavg(), "plan_steps": len(plan.steps),
+                  "planned_prefill_saved": getattr(plan, "prefill_saved", 0),
                   "failed": [nid for nid, r in results.items() if not r.ok], **rates(before, after)}
         return record, {nid: r.answer for nid, r in results.items()}
 
@@ -260,6 +267,10 @@ def summarize(record: dict) -> dict:
         tot = sum(r["counters"]["prompt_tokens"] for r in c)
         if tot:
             saved[wl] = sum(r["counters"]["prefill_tokens_reused"] for r in c) / tot
+    first = next((r for r in runs if r["engine"] == "llamacpp" and r["workload"] == "full"), None)
+    if first and first["counters"]["prompt_tokens"]:  # the first run starts with no prefix saved (cold cache)
+        saved["full_first_run"] = first["counters"]["prefill_tokens_reused"] / first["counters"]["prompt_tokens"]
+        saved["full_first_run_planned"] = first.get("planned_prefill_saved", 0) / first["counters"]["prompt_tokens"]
     planner = record.get("planner")
     if planner:
         saved["planner_run"] = planner.get("prefill_tokens_saved")

@@ -231,16 +231,26 @@ REMOTE_PREFILL_S_PER_TOKEN, REMOTE_DECODE_S_PER_TOKEN = 2e-4, 0.02
 LLAMACPP_PROTOCOL = dict(prompt_tokens=128, new_tokens=8, repeats=2)
 
 
+def remote_key(spec) -> str:
+    """A served model's timings hold for one served name at one URL (`task=calibrate` measures them)."""
+    server = spec.get("server") or {}
+    return f"{server.get('model')}|remote|openai|{server.get('base_url')}"
+
+
 def engine_cost(pool, alias: str, store: CalibrationStore, auto_calibrate: bool) -> ModelCost | None:
     """The cost of an alias served by an engine other than hf, or None for hf (calibrated from its files).
 
-    `openai`: no local memory (`CostModel` budgets only this process), remote timing defaults. `llamacpp`: the
+    `openai`: no local memory (`CostModel` budgets only this process); the timings `task=calibrate` measured from
+    the client (`compllm.calibration.remote`), else remote timing defaults. `llamacpp`: the
     stored calibration, else measured on the loaded model (`LlamaCppModel.calibrate`: the KV cache is allocated
     at load, so its resident bytes are all the memory it ever takes), else its resident bytes with hf-like
     estimates."""
     spec = pool.spec(alias)
     backend = str(spec.get("backend", "hf"))
     if backend == "openai":
+        entry = store.get(remote_key(spec))
+        if entry is not None:
+            return entry.cost
         return ModelCost(weight_bytes=0, kv_bytes_per_token=0, prefill_s_per_token=REMOTE_PREFILL_S_PER_TOKEN,
                          decode_s_per_token=REMOTE_DECODE_S_PER_TOKEN, load_s=0.0)
     if backend != "llamacpp":

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Mapping
 
 from compiler.build import CHARS_PER_TOKEN
-from compiler.cost import CostModel, Engine
+from dataclasses import replace
+
+from compiler.cost import CostModel, Engine, ModelCost
 from compllm.backends.base import GenerationRequest
 
 TEMPLATE_TOKENS = 5  # a chat template's tokens around the system turn ("<|im_start|>system\n" ... "<|im_end|>\n")
@@ -26,6 +28,16 @@ def engine_of(spec: Mapping) -> Engine:
     if backend == "llamacpp":
         return Engine("llamacpp", bool((spec.get("llamacpp") or {}).get("prefix_cache", True)), left_padded=False)
     return Engine(backend)
+
+
+def remote_note(spec: Mapping, cost: ModelCost) -> str:
+    """Where a served model is, and what its timings are: measured per concurrency, or defaults."""
+    url = (spec.get("server") or {}).get("base_url", "?")
+    if not cost.decode_step_s_by_batch:
+        return f"at {url}, default timings (task=calibrate measures them)"
+    steps = ", ".join(f"{c}: {s * 1e3:.0f}" for c, s in sorted(cost.decode_step_s_by_batch.items(), key=lambda kv: int(kv[0])))
+    return (f"at {url}, calibrated: prefill {cost.prefill_s_per_token * 1e3:.2f} ms/token, decode ms/token by "
+            f"requests in flight {{{steps}}}")
 
 
 def prefix_tokens(pool, alias: str, system_prompt: str) -> int:
@@ -47,6 +59,9 @@ def with_engines(cost: CostModel, pool, system_prompts: Mapping[str, tuple[str, 
     """`cost` with every alias's engine and every expert's prefix tokens (`system_prompts`: expert -> (alias,
     system prompt))."""
     cost.engines = {alias: engine_of(pool.spec(alias)) for alias in cost.models}
+    for alias, engine in cost.engines.items():
+        if engine.remote:
+            cost.engines[alias] = replace(engine, note=remote_note(pool.spec(alias), cost.models[alias]))
     cost.prefix_tokens = {expert: prefix_tokens(pool, alias, prompt)
                           for expert, (alias, prompt) in system_prompts.items()}
     return cost
