@@ -90,7 +90,7 @@ def test_a_response_slower_than_the_timeout_is_a_timeout_fault(server):
     assert not outcome.ok and outcome.error.startswith("TimeoutError") and time.perf_counter() - start < 10
 
 
-def test_calibrate_measures_the_server_from_the_client_and_the_compiler_plans_with_it(server):
+def test_calibrate_measures_the_server_from_the_client_and_the_compiler_plans_with_it(server, tmp_path):
     """Latency vs requests in flight against the real server (llama-cpp-python's bundled server runs one request at
     a time, so the per-token time a client sees grows with concurrency); the cost model holds no local memory for
     it, caps a call's requests in flight at the server's concurrency, and `explain` names the calibration."""
@@ -110,7 +110,16 @@ def test_calibrate_measures_the_server_from_the_client_and_the_compiler_plans_wi
     steps = cost.decode_step_s_by_batch
     assert steps["4"] > 2 * steps["1"], f"a serialising server: 4 in flight should be ~4x slower per token: {steps}"
     assert result.latency_s_by_concurrency["4"] > result.latency_s_by_concurrency["1"]
-    spec = {"backend": "openai", "server": {"base_url": server.url, "max_concurrency": 4}}
+    spec = {"backend": "openai", "server": {"base_url": server.url, "model": SERVED_NAME, "max_concurrency": 4}}
+
+    class Pool:  # what engine_cost reads of a model pool
+        def spec(self, alias):
+            return spec
+    from compllm.calibration import CalibrationStore
+    from compllm.calibration.build import engine_cost, remote_key
+    store = CalibrationStore(str(tmp_path))
+    store.save(remote_key(spec), cost, rounds=1)
+    assert engine_cost(Pool(), "srv", store, auto_calibrate=False) == cost  # the next run plans with it
     cm = CostModel({"srv": cost}, {"general": "srv", "aggregator": "srv"},
                    engines={"srv": Engine("openai", True, 4, left_padded=False, note=remote_note(spec, cost))})
     g = Graph()
