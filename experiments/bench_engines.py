@@ -26,10 +26,11 @@ prefill ms per computed prompt token, prompt tokens reused from llama.cpp's cach
   queries' text, one run: the planner's ~500-token instructions are the prefix every planner call shares.
 
 Prefix reuse (`prefill_tokens_saved`): prompt tokens llama.cpp did not compute because their KV was restored from
-a saved prefix (the backend's own counters), over the prompt tokens of the llama.cpp `full` runs. The model stays
-loaded across runs, so only the first run starts with nothing saved: `details.prefill_tokens_saved_by` also gives
-that first run alone (`full_first_run`) and what the compiler planned for it (`full_first_run_planned`, the `prefix`
-pass's `plan.prefill_saved`, which counts only each expert's system-prompt prefix).
+a saved prefix (the backend's own counters), over the prompt tokens of the llama.cpp `full` runs. Every measured run
+starts with no saved prefix (`forget_prefixes`), so runs of the same queries do not reuse each other's prompts;
+`details.prefill_tokens_saved_by` also gives the first full run alone (`full_first_run`) and what the compiler
+planned for it (`full_first_run_planned`, the `prefix` pass's `plan.prefill_saved`, which counts only each expert's
+system-prompt prefix).
 
 Resumable: measurements already in the JSON are skipped (`--fresh` starts over). JSON, markdown and PNG are
 rewritten after every measurement: experiments/results/bench_engines.{json,md,png}.
@@ -86,6 +87,16 @@ def snapshot(pipeline) -> dict:
     return total
 
 
+def forget_prefixes(pipeline) -> None:
+    """Every run starts with no saved prefix: otherwise a run would reuse whole prompts an earlier run of the same
+    queries saved (a sequential run saves every row's prompt), and compiled vs sequential would compare caches."""
+    for alias in pipeline.pool.loaded():
+        model = pipeline.pool.get(alias)
+        clear = getattr(getattr(model, "inner", model), "clear_prefixes", None)
+        if clear is not None:
+            clear()
+
+
 def rates(before: dict, after: dict) -> dict:
     d = {k: after[k] - before[k] for k in after}
     return {"counters": d,
@@ -127,6 +138,7 @@ class Engines:
         if key not in self.plans:
             self.plans[key] = pipeline.compile_with(compiler, graph)
         plan = self.plans[key]
+        forget_prefixes(pipeline)
         load_before = loadavg()
         before = snapshot(pipeline)
         ctx = pipeline.context()
@@ -573,6 +585,7 @@ def main() -> None:
             return
         pipeline = engines.pipelines["llamacpp"]
         print(f"planner run: {args.planner_queries} queries (load {loadavg()})", flush=True)
+        forget_prefixes(pipeline)
         before, load = snapshot(pipeline), loadavg()
         start = time.perf_counter()
         result, graph = pipeline.run(texts[:args.planner_queries])

@@ -262,6 +262,11 @@ class LlamaCppModel:
     def cached_prefixes(self) -> int:
         return len(self._prefixes)
 
+    def clear_prefixes(self) -> None:
+        """Forget every saved prefix (benchmarks start each measured run with nothing saved)."""
+        with self._lock:
+            self._prefixes.clear()
+
     @property
     def resident_bytes(self) -> int:
         """What the loaded model holds however many rows run: its tensors and its whole (preallocated) KV cache."""
