@@ -11,7 +11,8 @@ next token of every live row, with logits only for each row's last token; a fini
 `llama_memory_seq_rm`.
 
 Prefix reuse (`compllm.backends.prefixes`): the KV of shared prompt prefixes is kept as sequence states
-(`llama_state_seq_get_data`, host memory, least recently used dropped past `prefix_cache_mb`) and restored into
+(`llama_state_seq_get_data`, host memory, least recently used dropped past `prefix_cache_mb`, which the plan
+reserves) and restored into
 each row's own sequence (`llama_state_seq_set_data`, then `llama_memory_seq_rm` past the tokens it shares), so only
 the rest of its prompt is prefilled. At the start of a call, every group of rows sharing a prefix of at least
 `min_shared_tokens` (rows of one expert: its system prompt; the planner's instructions) that no saved state covers
@@ -82,7 +83,9 @@ class LlamaCppSettings:
     n_seq_max: int = 9  # sequences: 1 for the cached prefix + at most n_seq_max-1 rows decoding at once
     n_batch: int = 512  # most tokens per llama_decode; longer prompts are split (cancel is checked in between)
     prefix_cache: bool = True  # keep and reuse the KV of shared prompt prefixes, across rows and calls
-    prefix_cache_mb: int = 256  # host memory for the saved prefix states (least recently used dropped first)
+    # Host memory for the saved prefix states (least recently used dropped first); the plan reserves all of it beside
+    # the model (`calibration.build.engine_cost`). 64 MiB: ~5,400 tokens of Qwen2.5-0.5B's 12 KiB/token KV.
+    prefix_cache_mb: int = 64
     min_shared_tokens: int = 8  # rows sharing at least this many prompt tokens get their prefix computed once
     # Faster kernels that make a row's tokens depend on the batch it runs in (see the module docstring); all off by
     # default, so that batching changes speed, never answers:

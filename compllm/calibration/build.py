@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from compiler.cost import CostModel, ModelCost
@@ -256,6 +256,12 @@ def engine_cost(pool, alias: str, store: CalibrationStore, auto_calibrate: bool)
     if backend != "llamacpp":
         return None
     settings = spec.get("llamacpp") or {}
+    saved = (int(settings.get("prefix_cache_mb", 64)) << 20) if settings.get("prefix_cache", True) else 0
+    cost = _llamacpp_cost(pool, alias, spec, settings, store, auto_calibrate)
+    return replace(cost, weight_bytes=cost.weight_bytes + saved)  # the saved prefixes' memory, reserved in full
+
+
+def _llamacpp_cost(pool, alias: str, spec, settings, store: CalibrationStore, auto_calibrate: bool) -> ModelCost:
     key = calibration_key(spec.get("name", alias), "cpu", "gguf", f"llamacpp-t{settings.get('threads', 1)}"
                           f"-seq{settings.get('n_seq_max', 9)}x{settings.get('n_ctx', 2048)}")
     entry = store.get(key)
