@@ -12,9 +12,9 @@ next token of every live row, with logits only for each row's last token; a fini
 
 Prefix reuse (`compllm.backends.prefixes`): the KV of shared prompt prefixes is kept as sequence states
 (`llama_state_seq_get_data`, host memory, least recently used dropped past `prefix_cache_mb`, which the plan
-reserves) and restored into
-each row's own sequence (`llama_state_seq_set_data`, then `llama_memory_seq_rm` past the tokens it shares), so only
-the rest of its prompt is prefilled. At the start of a call, every group of rows sharing a prefix of at least
+reserves) and restored into each row's own sequence (`llama_state_seq_set_data`, then `llama_memory_seq_rm` past the
+tokens it shares), so only the rest of its prompt is prefilled. Which rows share what is found from the tokens (the
+compiler knows the prefixes by expert, not by token: its `prefix` pass orders the rows and counts the saving). At the start of a call, every group of rows sharing a prefix of at least
 `min_shared_tokens` (rows of one expert: its system prompt; the planner's instructions) that no saved state covers
 gets its prefix computed once in sequence 0 and saved; a row that shares nothing with the call's other rows has its
 own prompt saved after its prefill, so the next call sharing a prefix with it (the next planner call, the next call
