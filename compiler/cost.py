@@ -8,7 +8,7 @@ model's weights in their compute dtype, a load's transient, and each running cal
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence
 
 from compiler.errors import ConfigError
@@ -103,6 +103,37 @@ class ModelCost:
         )
 
 
+@dataclass(frozen=True)
+class Engine:
+    """What the compiler knows of the engine that runs a model alias (from its config, not measured)."""
+
+    name: str = "hf"  # hf | llamacpp | openai
+    # The engine keeps the KV of shared prompt prefixes across rows and calls (llama.cpp in process; a server with
+    # prefix caching on), so a prefix shared by a call's rows is computed once, and not at all once computed.
+    prefix_cache: bool = False
+    # Requests a server runs at once (its slots: `max_concurrency`); None for an in-process engine. A remote call
+    # never has more rows in flight, and holds no local memory.
+    concurrency: Optional[int] = None
+    # Rows that join together are prefilled left-padded to the longest prompt (hf); False: each row computes only
+    # its own prompt tokens (llama.cpp's per-sequence prefill, a server's requests).
+    left_padded: bool = True
+    note: str = ""  # shown by `explain` (e.g. where a server is and whether its timings were measured)
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"Engine {self.name!r}: concurrency must be >= 1 or None, got {self.concurrency!r}")
+
+    @property
+    def remote(self) -> bool:
+        return self.concurrency is not None
+
+    def describe(self) -> str:
+        bits = [self.name] + (["prefix cache"] if self.prefix_cache else []) + (
+            [f"server, {self.concurrency} concurrent requests"] if self.remote else []) + (
+            [self.note] if self.note else [])
+        return ", ".join(bits)
+
+
 @dataclass
 class CostModel:
     """Per-alias costs plus the expert -> alias mapping (aggregate nodes use expert "aggregator")."""
@@ -116,6 +147,10 @@ class CostModel:
     prompt_overhead_tokens: int = 0  # system prompt + chat template tokens added to every call
     load_bytes_per_s: float = 2e9  # disk/host -> device bandwidth for loads without a measured load_s
     base_bytes: int = 0  # what the process holds before any model loads (runtime, imports, router embedder)
+    engines: dict[str, Engine] = field(default_factory=dict)  # alias -> its engine (absent: hf, no prefix cache)
+    # Expert -> prompt tokens every call of it starts with (chat template head + its system prompt): the prefix
+    # its rows share, which an engine with a prefix cache computes once (`prefill_saved`).
+    prefix_tokens: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for expert, alias in self.expert_model.items():
@@ -125,6 +160,12 @@ class CostModel:
         if self.batch_alpha < 0 or self.load_bytes_per_s <= 0 or self.default_output_tokens < 0 or self.base_bytes < 0:
             raise ConfigError("CostModel: batch_alpha, default_output_tokens and base_bytes must be >= 0, "
                               "load_bytes_per_s > 0")
+        unknown = sorted(set(self.engines) - set(self.models))
+        if unknown:
+            raise ConfigError(f"CostModel.engines names model(s) {', '.join(unknown)} the cost model does not know")
+        bad = {e: t for e, t in self.prefix_tokens.items() if not isinstance(t, int) or t < 0}
+        if bad:
+            raise ConfigError(f"CostModel.prefix_tokens must map experts to token counts >= 0, got {bad}")
 
     # --- lookups -------------------------------------------------------------------------------
     def model_of(self, node: Node) -> str:
@@ -133,6 +174,30 @@ class CostModel:
         if alias is None:
             raise UnknownExpertError(node.id, node.expert, self.expert_model)
         return alias
+
+    def engine(self, alias: str) -> Engine:
+        return self.engines.get(alias) or Engine()
+
+    def prefix_of(self, node: Node) -> tuple[str, int]:
+        """(key, tokens) of the prompt prefix `node` shares with every call of its expert, if its model's engine
+        keeps shared prefixes; ("", 0) otherwise."""
+        alias = self.model_of(node)
+        tokens = self.prefix_tokens.get(node.expert, 0)
+        if not tokens or not self.engine(alias).prefix_cache:
+            return "", 0
+        return f"{alias}/{node.expert}", tokens
+
+    def prefill_saved(self, alias: str, prefixes: Sequence[tuple[str, int]], cached: set[str] = frozenset()) -> int:
+        """Prompt tokens a call's rows do not compute thanks to the engine's prefix cache: each shared prefix (key,
+        tokens) is computed once for all its rows, and not at all when an earlier call left it `cached`."""
+        if not self.engine(alias).prefix_cache:
+            return 0
+        saved, seen = 0, set(cached)
+        for key, tokens in prefixes:
+            if key and tokens:
+                saved += tokens if key in seen else 0
+                seen.add(key)
+        return saved
 
     def cost(self, alias: str) -> ModelCost:
         try:
@@ -149,7 +214,7 @@ class CostModel:
 
     def node_tokens(self, node: Node, graph: Graph | None = None) -> tuple[int, int]:
         """(prompt, output) tokens. Parents' answers are pasted into the prompt, so they count as prompt."""
-        prompt = node.est_prompt_tokens + self.prompt_overhead_tokens
+        prompt = node.est_prompt_tokens + self.prompt_overhead_tokens + self.prefix_tokens.get(node.expert, 0)
         if graph is not None:
             nodes = graph.nodes
             prompt += sum(self.output_tokens(nodes[p]) for p in node.parents if p in nodes)
@@ -211,14 +276,17 @@ class CostModel:
 
     def batch_seconds(self, alias: str, tokens: Sequence[tuple[int, int]], slots: Optional[int] = None) -> float:
         """Seconds of one generate call (see `call_phases`): each joining group's prefill is left-padded (every
-        row at its longest prompt), and a decode step's cost follows the live batch size."""
+        row at its longest prompt) on engines that pad (`Engine.left_padded`), and a decode step's cost follows
+        the live batch size."""
         if not tokens:
             return 0.0
         mc = self.cost(alias)
+        padded = self.engine(alias).left_padded
         seconds = mc.call_overhead_s
         for group, steps, live in self.call_phases(tokens, slots):
             if group:
-                seconds += len(group) * max(p for p, _ in group) * mc.prefill_s_per_token
+                prompt = len(group) * max(p for p, _ in group) if padded else sum(p for p, _ in group)
+                seconds += prompt * mc.prefill_s_per_token
             seconds += steps * self.decode_step_seconds(alias, live)
         return seconds
 
@@ -240,6 +308,8 @@ class CostModel:
             "prompt_overhead_tokens": self.prompt_overhead_tokens,
             "load_bytes_per_s": self.load_bytes_per_s,
             "base_bytes": self.base_bytes,
+            "engines": {alias: asdict(e) for alias, e in self.engines.items()},
+            "prefix_tokens": dict(self.prefix_tokens),
             "models": {alias: asdict(mc) for alias, mc in self.models.items()},
             "experts": dict(self.expert_model),
         }
@@ -257,6 +327,8 @@ class CostModel:
             raise ConfigError("calibration needs a 'models' mapping (alias -> costs) and an 'experts' mapping "
                               "(expert -> alias)")
         scalars = {"batch_alpha", "default_output_tokens", "prompt_overhead_tokens", "load_bytes_per_s", "base_bytes"}
+        engines_raw = data.pop("engines", {}) or {}
+        prefix_tokens = dict(data.pop("prefix_tokens", {}) or {})
         unknown = set(data) - scalars
         if unknown:
             raise ConfigError(f"unknown calibration keys: {', '.join(sorted(unknown))}")
@@ -270,4 +342,8 @@ class CostModel:
                 models[alias] = ModelCost(**raw)
             except TypeError as exc:
                 raise ConfigError(f"model {alias!r}: {exc}") from None
-        return cls(models=models, expert_model=dict(experts), **data)
+        try:
+            engines = {alias: Engine(**raw) for alias, raw in engines_raw.items()}
+        except TypeError as exc:
+            raise ConfigError(f"calibration engines: {exc}") from None
+        return cls(models=models, expert_model=dict(experts), engines=engines, prefix_tokens=prefix_tokens, **data)

@@ -30,6 +30,9 @@ def explain_text(before: Graph, plan: Plan) -> str:
         f"  planned peak memory: {_gib(plan.peak_planned_bytes)} of budget {budget} (runtime base "
         f"{_gib(plan.base_bytes)})",
         f"  loads: {plan.loads}",
+        f"  prefill saved by prefix caches: {plan.prefill_saved} prompt tokens"
+        + "".join(f"; {s.id} {s.prefill_saved}" for s in plan.steps if s.prefill_saved),
+        "  engines: " + (", ".join(f"{m}={e}" for m, e in plan.engines.items()) or "hf (in process, no prefix cache)"),
         "== memory profile (bytes held after each step; the most held while it runs)",
     ]
     out += [f"  {sid}: {_gib(after)} (up to {_gib(during)})" if during > after else f"  {sid}: {_gib(after)}"

@@ -141,7 +141,7 @@ class Lowering:
                     self.stream_of[key], self.streams_used[dev] = used % streams, used + 1
                 stream = self.stream_of[key]
                 steps.append(Step(sid, StepKind.GENERATE, model, b.nodes, tuple(deps), stream, b.est_s, b.bytes,
-                                  b.slots, node=node, device=index))
+                                  b.slots, node=node, device=index, prefill_saved=b.prefill_saved))
                 self.runs_of[key].append(sid)
                 parts = [p for nid in b.nodes for p in graph.nodes[nid].fused_from[:-1]]  # answered by this call
                 answered([*b.nodes, *parts], sid)
@@ -149,7 +149,8 @@ class Lowering:
         devices = {} if placement is None else {d.key: d.memory for d in placement.devices}
         return Plan(steps, ctx.config.memory_budget, dict(residency.footprints), streams, residency.policy.value,
                     dict(graph.annotations.get("aliases", {})), graph, ctx.cost.base_bytes,
-                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial, devices=devices)
+                    {m: b for m, b in residency.load_extra.items() if b}, residency.initial, devices=devices,
+                    engines={m: ctx.cost.engine(m).describe() for m in ctx.cost.engines if m in residency.footprints})
 
     def _reserved(self, dev: int) -> dict:
         return self.reserved_on if dev >= 0 else self.reserved

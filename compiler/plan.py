@@ -44,6 +44,7 @@ class Step:
     slots: int = 0  # generate: rows decoding at once, the others join as rows finish; 0 = all nodes at once
     node: str = ""  # cluster placement (the `place` pass): the cluster node that runs it; "" = this process
     device: int = 0  # with `node`: which of that node's devices (a model replica lives on one device)
+    prefill_saved: int = 0  # generate: prompt tokens its engine's prefix cache saves (the `prefix` pass)
 
     @property
     def where(self) -> str:
@@ -57,13 +58,15 @@ class Step:
         if self.node:
             d["node"] = self.node
             d["device"] = self.device
+        if self.prefill_saved:
+            d["prefill_saved"] = self.prefill_saved
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
         return cls(d["id"], StepKind(d["kind"]), d["model"], tuple(d.get("nodes", ())), tuple(d.get("deps", ())),
                    d.get("stream", 0), d.get("est_s", 0.0), d.get("bytes", 0), d.get("slots", 0), d.get("node", ""),
-                   d.get("device", 0))
+                   d.get("device", 0), d.get("prefill_saved", 0))
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Plan:
     # On a cluster (`place` pass): every device steps may name ("node/index") -> its memory in bytes (None =
     # unlimited). Each device is budgeted on its own (runtime base + its resident footprints); empty = local.
     devices: dict[str, Optional[int]] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)  # model -> the engine that runs it (cost.Engine.describe)
 
     @property
     def io_stream(self) -> int:
@@ -103,6 +107,11 @@ class Plan:
 
     def count(self, kind: StepKind) -> int:
         return sum(1 for s in self.steps if s.kind is kind)
+
+    @property
+    def prefill_saved(self) -> int:
+        """Prompt tokens the engines' prefix caches save over the whole plan (summed over its generate steps)."""
+        return sum(s.prefill_saved for s in self.steps)
 
     @property
     def loads(self) -> int:
@@ -167,10 +176,12 @@ class Plan:
             lines.append(f"  resident at start: {', '.join(self.initial)}")
         lines += [f"  footprint {m}={b:,}" + (f" (+{self.load_extra[m]:,} while loading)"
                                               if self.load_extra.get(m) else "") for m, b in self.footprints.items()]
+        lines += [f"  engine {m}: {e}" for m, e in self.engines.items()]
         lines += [f"  alias {a} -> {k}" for a, k in self.aliases.items()]
         for (sid, held, _), s in zip(self.memory_profile(), self.steps):
             what = f"{s.kind.value} {s.model}".rstrip() + (f" ({', '.join(s.nodes)})" if s.nodes else "")
             what += f" {s.slots} at a time" if s.slots else ""
+            what += f" prefill saved {s.prefill_saved}" if s.prefill_saved else ""
             deps = f" after {', '.join(s.deps)}" if s.deps else ""
             at = f"{s.where} " if s.node else ""
             lines.append(f"  [{at}{s.stream}] {sid}: {what}{deps} | held={held:,}")
@@ -213,6 +224,7 @@ class Plan:
             "footprints": dict(self.footprints),
             "load_extra": dict(self.load_extra),
             "aliases": dict(self.aliases),
+            **({"engines": dict(self.engines)} if self.engines else {}),
             "steps": [s.to_dict() for s in self.steps],
             "graph": None if self.graph is None else graph_to_dict(self.graph),
             **({"devices": dict(self.devices)} if self.devices else {}),
@@ -238,6 +250,7 @@ class Plan:
             load_extra=dict(d.get("load_extra", {})),
             initial=tuple(d.get("initial", ())),
             devices=dict(d.get("devices", {})),
+            engines=dict(d.get("engines", {})),
         )
 
     @classmethod

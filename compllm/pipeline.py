@@ -19,6 +19,7 @@ from compiler.verify import GraphError, verify
 from compllm.backends.base import GenerationRequest
 from compllm.backends.pool import ModelPool
 from compllm.calibration import build_cost_model, recheck_calibration
+from compllm.calibration.engines import with_engines
 from compllm.cluster import resolve_cluster
 from compllm.experts import Expert
 from compllm.frontend.decomposer import Decomposer, Decomposition
@@ -78,6 +79,9 @@ class Pipeline:
         with self._stage("calibrate"):
             self.cost = build_cost_model(self.pool, self.expert_models(), self.cache_dir, self.auto_calibrate,
                                          self.show_progress, also=[self.decomposer.model])
+            prompts = {name: (e.model, e.system_prompt) for name, e in self.experts.items()}
+            prompts[AGGREGATOR] = (self.aggregator.model, self.aggregator.system_prompt)
+            self.cost = with_engines(self.cost, self.pool, prompts)
         self.setup_peak_bytes = peak_memory_bytes()
         start_run_window()
 

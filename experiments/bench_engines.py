@@ -25,6 +25,13 @@ prefill ms per computed prompt token, prompt tokens reused from llama.cpp's cach
 * planner (optional, `--planner-queries N`): the full pipeline (streaming planner included) on llama.cpp, the
   queries' text, one run: the planner's ~500-token instructions are the prefix every planner call shares.
 
+Prefix reuse (`prefill_tokens_saved`): prompt tokens llama.cpp did not compute because their KV was restored from
+a saved prefix (the backend's own counters), over the prompt tokens of the llama.cpp `full` runs. Every measured run
+starts with no saved prefix (`forget_prefixes`), so runs of the same queries do not reuse each other's prompts;
+`details.prefill_tokens_saved_by` also gives the first full run alone (`full_first_run`) and what the compiler
+planned for it (`full_first_run_planned`, the `prefix` pass's `plan.prefill_saved`, which counts only each expert's
+system-prompt prefix).
+
 Resumable: measurements already in the JSON are skipped (`--fresh` starts over). JSON, markdown and PNG are
 rewritten after every measurement: experiments/results/bench_engines.{json,md,png}.
 """
@@ -80,6 +87,16 @@ def snapshot(pipeline) -> dict:
     return total
 
 
+def forget_prefixes(pipeline) -> None:
+    """Every run starts with no saved prefix: otherwise a run would reuse whole prompts an earlier run of the same
+    queries saved (a sequential run saves every row's prompt), and compiled vs sequential would compare caches."""
+    for alias in pipeline.pool.loaded():
+        model = pipeline.pool.get(alias)
+        clear = getattr(getattr(model, "inner", model), "clear_prefixes", None)
+        if clear is not None:
+            clear()
+
+
 def rates(before: dict, after: dict) -> dict:
     d = {k: after[k] - before[k] for k in after}
     return {"counters": d,
@@ -121,6 +138,7 @@ class Engines:
         if key not in self.plans:
             self.plans[key] = pipeline.compile_with(compiler, graph)
         plan = self.plans[key]
+        forget_prefixes(pipeline)
         load_before = loadavg()
         before = snapshot(pipeline)
         ctx = pipeline.context()
@@ -132,6 +150,7 @@ class Engines:
         record = {"engine": engine, "policy": policy, "workload": graph_key, "wall_s": wall,
                   "median_query_latency_s": statistics.median(latency), "load_before": load_before,
                   "load_after": loadavg(), "plan_steps": len(plan.steps),
+                  "planned_prefill_saved": getattr(plan, "prefill_saved", 0),
                   "failed": [nid for nid, r in results.items() if not r.ok], **rates(before, after)}
         return record, {nid: r.answer for nid, r in results.items()}
 
@@ -260,6 +279,10 @@ def summarize(record: dict) -> dict:
         tot = sum(r["counters"]["prompt_tokens"] for r in c)
         if tot:
             saved[wl] = sum(r["counters"]["prefill_tokens_reused"] for r in c) / tot
+    first = next((r for r in runs if r["engine"] == "llamacpp" and r["workload"] == "full"), None)
+    if first and first["counters"]["prompt_tokens"]:  # the first run starts with no prefix saved (cold cache)
+        saved["full_first_run"] = first["counters"]["prefill_tokens_reused"] / first["counters"]["prompt_tokens"]
+        saved["full_first_run_planned"] = first.get("planned_prefill_saved", 0) / first["counters"]["prompt_tokens"]
     planner = record.get("planner")
     if planner:
         saved["planner_run"] = planner.get("prefill_tokens_saved")
@@ -562,6 +585,7 @@ def main() -> None:
             return
         pipeline = engines.pipelines["llamacpp"]
         print(f"planner run: {args.planner_queries} queries (load {loadavg()})", flush=True)
+        forget_prefixes(pipeline)
         before, load = snapshot(pipeline), loadavg()
         start = time.perf_counter()
         result, graph = pipeline.run(texts[:args.planner_queries])

@@ -215,33 +215,49 @@ def test_qwen_batch_of_eight_equals_batch_one(compose, model_cache):
     assert [g.text for g in model.generate(requests)] == [model.generate([r])[0].text for r in requests]
 
 
-def test_best_prefix_is_the_largest_shared_group_not_only_what_all_rows_share():
-    """Rows of two experts (two system prompts) on one model: the cached prefix is the larger group's system
-    prompt (all rows share only the template's head); a cache that serves the call as well is kept; a lone row's
-    prompt is cached for the calls after it."""
-    from compllm.backends.llamacpp import _best_prefix
+def test_shared_groups_and_the_prefix_store():
+    """Rows of two experts (two system prompts) on one model split into two groups, one prefix each (what all rows
+    share, the template head, is too short to count); the store finds the saved prefix sharing the most tokens with
+    a prompt, and drops the least recently used state past its byte limit, never a pinned one."""
+    from compllm.backends.prefixes import PrefixStore, shared_groups
 
     head, law, med = [1, 2], [1, 2, 10, 11, 12, 13], [1, 2, 20, 21, 22, 23]
-    rows = [law + [30, 31, 32], law + [40, 41, 42], law + [50, 51, 52], med + [60, 61, 62]]
-    assert _best_prefix([], rows) == law
-    assert _best_prefix(law, rows) is None  # already cached: nothing to compute
-    assert _best_prefix(head, [med + [60, 61, 62], med + [70, 71, 72]]) == med
-    lone = med + [60, 61, 62, 63]
-    assert _best_prefix(law, [lone]) == lone[:-2]
+    rows = [law + [30, 31, 32], med + [60, 61, 62], law + [40, 41, 42], law + [50, 51, 52], med + [70, 71]]
+    assert shared_groups(rows, 4, 2) == [(law, [0, 2, 3]), (med, [1, 4])]
+    assert shared_groups(rows, 2, 2) == [(head, [0, 2, 3, 1, 4]), (law, [0, 2, 3]), (med, [1, 4])]  # nested
+    assert shared_groups(rows, 8, 2) == []  # nothing shared by 8 tokens
+    assert shared_groups([med + [70, 71]] * 2, 4, 2) == [(med, [0, 1])]  # each row keeps 2 tokens of its own
+    store = PrefixStore(max_bytes=10)
+    store.put(law, b"L" * 4)
+    store.put(med + [60, 61, 62], b"M" * 4)
+    assert store.best(law + [99], 99) == (tuple(law), len(law))
+    assert store.best(med + [60, 99], 99) == (tuple(med + [60, 61, 62]), len(med) + 1)  # partial: truncated later
+    assert store.best(head + [5], 99)[1] == 2 and store.best([7], 99) == (None, 0)
+    store.put([5, 6], b"X" * 4, pinned={tuple(law)})  # 12 bytes > 10: the oldest unpinned state goes
+    assert store.best(med, 99)[1] == 2 and store.best(law, 99)[1] == len(law) and len(store) == 2
 
 
-def test_mixed_system_prompts_reuse_the_larger_groups_prefix(compose, model_cache):
-    """One call, rows of two system prompts: the larger group's system prompt is computed once and reused by the
-    group; the rows' cached_tokens still add up to the backend's reused counter; the answers are unchanged."""
+def test_every_experts_prefix_is_kept_and_reused_across_calls(compose, model_cache):
+    """One call, rows of two system prompts interleaved: each system prompt is computed once (for its first row) and
+    reused by the other; both stay saved, so a later call of either expert reuses its own; the rows' cached_tokens
+    add up to the backend's reused counter; the answers are those of a model without the prefix cache."""
     other = "You answer questions for a hospital. Be brief and never give a dosage without a source."
-    requests = [ask("What is a tort?", 6, system=SYSTEM), ask("What is a lien?", 6, system=SYSTEM),
-                ask("What is anemia?", 6, system=other)]
+    requests = [ask("What is a tort?", 6, system=SYSTEM), ask("What is anemia?", 6, system=other),
+                ask("What is a lien?", 6, system=SYSTEM), ask("What is a fever?", 6, system=other)]
+    later = [ask("What is a deed?", 6, system=SYSTEM), ask("What is a rash?", 6, system=other)]
     plain = pool(compose, model_cache, "models.default.llamacpp.prefix_cache=false").get("default")
-    expected = [g.text for g in plain.generate(requests)]
+    expected = [g.text for g in plain.generate(requests)] + [g.text for g in plain.generate(later)]
     del plain
     model = pool(compose, model_cache).get("default")
-    shared = len(model.tokenize(model.render(ask("", system=SYSTEM)))) - 8
+    law = len(model.tokenize(model.render(ask("", system=SYSTEM)))) - 8
+    med = len(model.tokenize(model.render(ask("", system=other)))) - 8
     got = model.generate(requests)
-    assert [g.text for g in got] == expected
-    assert got[0].cached_tokens == 0 and got[1].cached_tokens >= shared and got[2].cached_tokens < shared
-    assert model.stats.extra["prefill_tokens_reused"] == sum(g.cached_tokens for g in got) >= shared
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens < med  # (the prompts' common head is reused)
+    assert got[2].cached_tokens >= law and got[3].cached_tokens >= med
+    assert model.stats.extra["prefill_tokens_reused"] == sum(g.cached_tokens for g in got)
+    assert model.cached_prefixes >= 2
+    again = model.generate(later)
+    assert again[0].cached_tokens >= law and again[1].cached_tokens >= med
+    assert [g.text for g in got + again] == expected
+    total = sum(g.prompt_tokens for g in got + again)
+    assert model.stats.extra["prefill_tokens_reused"] + model.stats.extra["prefill_tokens_computed"] == total

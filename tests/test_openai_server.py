@@ -88,3 +88,45 @@ def test_a_response_slower_than_the_timeout_is_a_timeout_fault(server):
     (outcome,) = generate_with_retry(lambda b, c: m.generate(b, cancel=c), [ask("Write a long story.", 300)],
                                      RetryPolicy(1, backoff_s=0.0), "t")
     assert not outcome.ok and outcome.error.startswith("TimeoutError") and time.perf_counter() - start < 10
+
+
+def test_calibrate_measures_the_server_from_the_client_and_the_compiler_plans_with_it(server, tmp_path):
+    """Latency vs requests in flight against the real server (llama-cpp-python's bundled server runs one request at
+    a time, so the per-token time a client sees grows with concurrency); the cost model holds no local memory for
+    it, caps a call's requests in flight at the server's concurrency, and `explain` names the calibration."""
+    from compiler import compile
+    from compiler.build import RoutedSubQuery as Sq, add_query
+    from compiler.cost import CostModel, Engine
+    from compiler.explain import explain_text
+    from compiler.ir import Graph
+    from compllm.calibration.engines import remote_note
+    from compllm.calibration.remote import calibrate_remote
+
+    result = calibrate_remote(remote(server.url, max_concurrency=4), concurrency=(1, 4), prompt_tokens=96,
+                              new_tokens=12, repeats=1)
+    cost = result.cost
+    assert cost.weight_bytes == 0 and cost.kv_bytes_per_token == 0 and result.prompt_tokens > 60
+    assert 0 < cost.prefill_s_per_token < 0.1 and set(cost.decode_step_s_by_batch) == {"1", "4"}
+    steps = cost.decode_step_s_by_batch
+    assert steps["4"] > 2 * steps["1"], f"a serialising server: 4 in flight should be ~4x slower per token: {steps}"
+    assert result.latency_s_by_concurrency["4"] > result.latency_s_by_concurrency["1"]
+    spec = {"backend": "openai", "server": {"base_url": server.url, "model": SERVED_NAME, "max_concurrency": 4}}
+
+    class Pool:  # what engine_cost reads of a model pool
+        def spec(self, alias):
+            return spec
+    from compllm.calibration import CalibrationStore
+    from compllm.calibration.build import engine_cost, remote_key
+    store = CalibrationStore(str(tmp_path))
+    store.save(remote_key(spec), cost, rounds=1)
+    assert engine_cost(Pool(), "srv", store, auto_calibrate=False) == cost  # the next run plans with it
+    cm = CostModel({"srv": cost}, {"general": "srv", "aggregator": "srv"},
+                   engines={"srv": Engine("openai", True, 4, left_padded=False, note=remote_note(spec, cost))})
+    g = Graph()
+    add_query(g, "q0", "Six things?", [Sq(i, f"Question {i}?", (), "general", max_new_tokens=8) for i in range(1, 7)],
+              "aggregator", 16)
+    plan = compile(g, cm)
+    gens = [s for s in plan.steps if s.kind.value == "generate"]
+    assert all(s.slots and s.slots <= 4 for s in gens if len(s.nodes) > 4) and plan.peak_planned_bytes == 0
+    text = explain_text(g, plan)
+    assert f"srv=openai, prefix cache, server, 4 concurrent requests, at {server.url}, calibrated" in text

@@ -6,7 +6,7 @@ Only nodes that need a model call are batched (host nodes and fused-chain parts 
 prefill computes every row at its longest prompt, so similar lengths waste the least), is cut greedily
 into calls of at most `max_call_size` nodes, of which at most `max_batch_size` decode at once: the rest
 join as rows finish (continuous refill, `compiler.cost.admit_rows`), so one long answer never decodes
-alone while work waits. Calls are also bounded by memory: a call's left-padded KV (live rows x its
+alone while work waits. On a server (`Engine.concurrency`), at most its concurrency are in flight at once. Calls are also bounded by memory: a call's left-padded KV (live rows x its
 longest prompt + output) plus its prefill workspace must fit in the budget left after the runtime's base
 and its own model's weights (and its KV under `max_batch_kv_bytes` if set). A call the cost model says
 is slower than its nodes one by one is split into singles. The residency pass later reserves each model's
@@ -38,9 +38,11 @@ class Batch:
     bytes: int  # memory the call holds beside its model's weights: KV + prefill workspace
     est_s: float
     slots: int = 0  # rows decoding at once; 0 = all nodes at once (no refill)
+    prefill_saved: int = 0  # prompt tokens the engine's prefix cache saves this call (the `prefix` pass)
 
     def dump(self) -> str:
         slots = f" slots={self.slots}" if self.slots else ""
+        slots += f" prefill_saved={self.prefill_saved}" if self.prefill_saved else ""
         return (f"batch {self.index} level={self.level} model={self.model} bytes={self.bytes}{slots} "
                 f"est={self.est_s:.4g}s nodes({', '.join(self.nodes)})")
 
@@ -80,6 +82,8 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
     batches: list[Batch] = []
     for level, model in sorted(groups, key=lambda key: key[0]):  # stable: models in first-appearance order
         limit = kv_limit(cost, model, budget, None)
+        engine = cost.engine(model)
+        live_cap = min(max_size, engine.concurrency) if engine.remote else max_size  # a server's concurrency budget
         kv_cap = math.inf if cap is None else cap
         kv_per_token = cost.cost(model).kv_bytes_per_token
         workspace_per_token = cost.cost(model).workspace_bytes_per_token
@@ -88,7 +92,7 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
         longest_p = longest_o = 0
 
         def close() -> None:
-            slots = min(max_size, len(members))
+            slots = min(live_cap, len(members))
             together = cost.batch_seconds(model, tokens, slots)
             if len(members) > 1 and together > sum(cost.batch_seconds(model, [t]) for t in tokens):
                 # the measured kernels make this batch size slower than its calls one by one: don't batch
@@ -102,7 +106,7 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
 
         for nid in sorted(groups[(level, model)], key=lambda n: tokens_of[n][0]):  # stable
             p, o = tokens_of[nid]
-            rows = min(len(members) + 1, max_size)  # what batch_kv_bytes / batch_workspace_bytes would say, O(1)
+            rows = min(len(members) + 1, live_cap)  # what batch_kv_bytes / batch_workspace_bytes would say, O(1)
             kv = rows * (max(longest_p, p) + max(longest_o, o)) * kv_per_token
             workspace = rows * max(longest_p, p) * workspace_per_token
             if members and (len(members) >= call_size or kv + workspace > limit or kv > kv_cap):

@@ -22,12 +22,15 @@ def run(cfg: DictConfig, out_dir: Path, *, prompt_tokens: int, new_tokens: int, 
     # asked for explicitly: wait longer for quiet rounds than a run's automatic calibration does
     protocol = Protocol(prompt_tokens=prompt_tokens, decode_steps=new_tokens, min_rounds=repeats, max_seconds=300.0)
     store = CalibrationStore(cfg.cache_dir)
-    infos = [describe(pipeline.pool, alias) for alias in pipeline.model_aliases()]
+    payload: dict = {}  # key -> the measured costs (also when not stored), "stored", "note"
+    remote = [a for a in pipeline.model_aliases() if pipeline.pool.spec(a).get("backend") == "openai"]
+    for alias in remote:
+        payload.update(calibrate_server(pipeline.pool, alias, store, prompt_tokens, new_tokens, repeats))
+    infos = [describe(pipeline.pool, alias) for alias in pipeline.model_aliases() if alias not in remote]
     for info in infos:
         import_model_code(info)
     base = measure_base_bytes(pipeline.pool, infos)
     print(f"base: {base / GIB:.2f} GiB resident before any model loads (imports; the router's embedder not loaded)")
-    payload: dict = {}  # key -> the measured costs (also when not stored), "stored", "note"
     for info in dict((i.key, i) for i in infos).values():
         result = calibrate(pipeline.pool, info, store, protocol, progress=cfg.show_progress, force=True)
         cost, verdict = result.measured or result.cost, result.verdict
@@ -48,3 +51,27 @@ def run(cfg: DictConfig, out_dir: Path, *, prompt_tokens: int, new_tokens: int, 
                                               encoding="utf-8")
     print(f"calibration file: {store.path}")
     return payload
+
+
+def calibrate_server(pool, alias: str, store: CalibrationStore, prompt_tokens: int, new_tokens: int,
+                     repeats: int) -> dict:
+    """Measure a served model from this client (`compllm.calibration.remote`) and store it under its URL."""
+    from compllm.calibration.build import remote_key
+    from compllm.calibration.remote import calibrate_remote
+
+    spec = pool.spec(alias)
+    key = remote_key(spec)
+    model = pool.get(alias)
+    result = calibrate_remote(getattr(model, "inner", model), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                              repeats=repeats)
+    cost = result.cost
+    with store.lock():
+        store.save(key, cost, rounds=repeats, memory="remote: none local")
+    steps = ", ".join(f"{c}: {s * 1e3:.1f}" for c, s in cost.decode_step_s_by_batch.items())
+    walls = ", ".join(f"{c}: {s:.2f}" for c, s in result.latency_s_by_concurrency.items())
+    print(f"{alias} ({key}): stored\n  served at {spec['server']['base_url']}: no local memory; concurrency budget "
+          f"{spec['server'].get('max_concurrency', 8)}\n  time seen from the client: prefill "
+          f"{cost.prefill_s_per_token * 1e3:.2f} ms/token, request overhead {cost.call_overhead_s * 1e3:.0f} ms, "
+          f"decode ms/token by requests in flight {{{steps}}}\n  latency s of that many requests at once {{{walls}}}")
+    return {key: {**asdict(cost), "latency_s_by_concurrency": result.latency_s_by_concurrency, "stored": True,
+                  "note": "remote"}}

@@ -10,13 +10,18 @@ row is its own sequence id (1..n_seq_max-1) with its own positions; a decode ste
 next token of every live row, with logits only for each row's last token; a finished row's KV is dropped with
 `llama_memory_seq_rm`.
 
-Prefix reuse: sequence 0 holds the KV of a cached token prefix. At the start of a call the longest prefix shared by
-all its prompts becomes the cached prefix (only what the cache does not already hold is computed, as one
-sequence), each row gets its longest common prefix with the cache copied into its own sequence
-(`llama_memory_seq_cp`), and only the rest of its prompt is prefilled. The prefix stays cached while the model is
-loaded, so consecutive calls sharing a system prompt or the planner's instructions reuse it.
+Prefix reuse (`compllm.backends.prefixes`): the KV of shared prompt prefixes is kept as sequence states
+(`llama_state_seq_get_data`, host memory, least recently used dropped past `prefix_cache_mb`, which the plan
+reserves) and restored into each row's own sequence (`llama_state_seq_set_data`, then `llama_memory_seq_rm` past the
+tokens it shares), so only the rest of its prompt is prefilled. Which rows share what is found from the tokens (the
+compiler knows the prefixes by expert, not by token: its `prefix` pass orders the rows and counts the saving). At the start of a call, every group of rows sharing a prefix of at least
+`min_shared_tokens` (rows of one expert: its system prompt; the planner's instructions) that no saved state covers
+gets its prefix computed once in sequence 0 and saved; a row that shares nothing with the call's other rows has its
+own prompt saved after its prefill, so the next call sharing a prefix with it (the next planner call, the next call
+of the same expert) reuses it. Several prefixes are kept at once (one per expert, the planner's, ...), across calls.
 `Generation.cached_tokens` says, per row, how many of its prompt tokens it did not compute: the prefix tokens this
-call computed count for its first row, so the rows' counts add up to `stats.extra["prefill_tokens_reused"]`.
+call computed count for the first row restoring them, so the rows' counts add up to
+`stats.extra["prefill_tokens_reused"]`.
 
 Batch invariance. llama.cpp's CPU kernels are not batch-invariant: which kernel computes a row, and so how its
 sums round (amplified by the 8-bit quantized activations into different greedy tokens), depends on what else is in
@@ -32,10 +37,10 @@ and llamafile's sgemm vs ggml's vec_dot (2+ rows vs 1). So by default (`LlamaCpp
   prefix reuse. Batching changes speed, never answers, as the project requires (tests/test_llamacpp.py checks
   SmolLM2 and Qwen2.5's 8-row batches against batch 1).
 
-Costs of the default: each sequence owns `n_ctx` cells, a reused prefix is copied (whole streams only), a decode
+Costs of the default: each sequence owns `n_ctx` cells, a reused prefix is copied (its cells only), a decode
 step whose live rows do not have consecutive sequence ids runs as several ubatches (llama.cpp's split_equal), and
-K-quant prefill is ~30% slower without the tiled matmul. `kv_unified: true` is llama-server's layout: a copied
-prefix only tags cells (no copy, no extra memory) and newcomers' prompts share the decode step's `llama_decode`.
+K-quant prefill is ~30% slower without the tiled matmul. `kv_unified: true` is llama-server's layout: newcomers'
+prompts share the decode step's `llama_decode`.
 
 Prompts: the GGUF's own chat template (the one the `hf` backend's converted tokenizer carries) rendered with jinja2
 as transformers' `apply_chat_template(..., add_generation_prompt=True)` does (llama-cpp-python's
@@ -58,10 +63,11 @@ from typing import Optional, Sequence
 from compiler.cost import admit_rows
 from compllm.backends.base import (BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats,
                                    OnText)
+from compllm.backends.prefixes import PrefixStore, common_prefix, shared_groups
 
 log = logging.getLogger(__name__)
 
-PREFIX_SEQ = 0  # the sequence holding the cached prefix; rows use 1..n_seq_max-1
+PREFIX_SEQ = 0  # the sequence a shared prefix is computed in before it is saved; rows use 1..n_seq_max-1
 MIN_PIECE = 2  # prompt tokens are computed at least 2 per sequence per llama_decode (see the module docstring)
 
 
@@ -76,7 +82,11 @@ class LlamaCppSettings:
     n_ctx: int = 2048  # KV cells per sequence: the longest prompt + answer one row may have
     n_seq_max: int = 9  # sequences: 1 for the cached prefix + at most n_seq_max-1 rows decoding at once
     n_batch: int = 512  # most tokens per llama_decode; longer prompts are split (cancel is checked in between)
-    prefix_cache: bool = True  # keep and reuse the KV of the prompts' shared prefix
+    prefix_cache: bool = True  # keep and reuse the KV of shared prompt prefixes, across rows and calls
+    # Host memory for the saved prefix states (least recently used dropped first); the plan reserves all of it beside
+    # the model (`calibration.build.engine_cost`). 64 MiB: ~5,400 tokens of Qwen2.5-0.5B's 12 KiB/token KV.
+    prefix_cache_mb: int = 64
+    min_shared_tokens: int = 8  # rows sharing at least this many prompt tokens get their prefix computed once
     # Faster kernels that make a row's tokens depend on the batch it runs in (see the module docstring); all off by
     # default, so that batching changes speed, never answers:
     kv_unified: bool = False  # one shared KV cache (less memory, no prefix copies)
@@ -94,6 +104,8 @@ def _check(settings: LlamaCppSettings, name: str) -> None:
         problems.append("threads and threads_batch must be >= 1")
     if settings.n_seq_max < 2:
         problems.append("n_seq_max must be >= 2 (one sequence holds the cached prefix)")
+    if settings.prefix_cache_mb < 0 or settings.min_shared_tokens < MIN_PIECE:
+        problems.append(f"prefix_cache_mb must be >= 0 and min_shared_tokens >= {MIN_PIECE}")
     if settings.n_ctx < 16:
         problems.append("n_ctx must be >= 16")
     if settings.n_batch < max(32, settings.n_seq_max):  # llama.cpp aborts the process when outputs overflow
@@ -150,13 +162,14 @@ def _free(llama_cpp, handles: dict) -> None:
 
 class _Row:
     __slots__ = ("index", "request", "ids", "seq", "pos", "reused", "cached", "tokens", "finished", "next", "pick",
-                 "cells")
+                 "cells", "entry")
 
     def __init__(self, index: int, request: GenerationRequest, ids: list[int]):
         self.index, self.request, self.ids = index, request, ids
         self.seq = -1
         self.pos = 0  # next position to feed
-        self.reused = 0  # prompt tokens copied from the cached prefix
+        self.reused = 0  # prompt tokens restored from a saved prefix
+        self.entry: tuple[int, ...] | None = None  # the saved prefix they come from
         self.cached = 0  # of those, the ones this call did not compute (what Generation.cached_tokens reports)
         self.tokens: list[int] = []
         self.finished = False  # by end of sequence or stop string (else: length)
@@ -217,7 +230,7 @@ class LlamaCppModel:
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._cached: list[int] = []  # tokens whose KV sequence PREFIX_SEQ holds
+        self._prefixes = PrefixStore(settings.prefix_cache_mb << 20)  # saved KV states of shared prefixes
         self._formatter = self._chat_formatter()
         self.stats.load_seconds = time.perf_counter() - start
         log.info("loaded %s from %s with llama.cpp in %.1fs (%d threads, %d sequences x %d cells, %s KV)", name,
@@ -245,7 +258,17 @@ class LlamaCppModel:
 
     @property
     def cached_prefix_tokens(self) -> int:
-        return len(self._cached)
+        """Tokens whose KV the saved prefix states hold (summed over prefixes)."""
+        return self._prefixes.tokens
+
+    @property
+    def cached_prefixes(self) -> int:
+        return len(self._prefixes)
+
+    def clear_prefixes(self) -> None:
+        """Forget every saved prefix (benchmarks start each measured run with nothing saved)."""
+        with self._lock:
+            self._prefixes.clear()
 
     @property
     def resident_bytes(self) -> int:
@@ -398,15 +421,14 @@ class LlamaCppModel:
                 on_text: OnText | None = None) -> int:
         """Run every row to its end; returns how many prompt tokens were computed (the rest were reused)."""
         unified = self.settings.kv_unified
+        reuse = self.settings.prefix_cache
         started = time.perf_counter()
-        computed = self._prepare_prefix([r.ids for r in rows], cancel) if self.settings.prefix_cache else 0
+        computed, made, grouped = self._prepare_prefixes(rows, cancel) if reuse else (0, set(), set())
+        charge = computed  # prefix tokens computed for this call: counted as computed by the first rows reusing them
         self._timed("prefill", started, computed)
-        charge = computed  # prefix tokens computed for this call: counted as computed by the first rows that reuse
-        # them (positions >= fresh), so the rows' cached_tokens add up to the call's reused tokens
-        fresh = len(self._cached) - computed
         pending = list(rows)  # admitted in request order
         live: list[_Row] = []
-        free_cells = self._n_ctx - len(self._cached)  # unified: rows share the cells
+        free_cells = self._n_ctx  # unified: rows share the cells
         while True:
             feed: list[_Row] = []
             for row in live:  # every live row has fresh logits: take its token
@@ -430,15 +452,18 @@ class LlamaCppModel:
             live = feed
             joining: list[_Row] = []
             for row in pending[:admit_rows(slots - len(live), len(pending), len(live))]:
-                row.reused = _common_prefix(self._cached, row.ids, len(row.ids) - MIN_PIECE)
-                row.cells = row.needs - row.reused if unified else 0
+                entry, row.reused = self._prefixes.best(row.ids, len(row.ids) - MIN_PIECE) if reuse else (None, 0)
+                if row.reused < MIN_PIECE:
+                    entry, row.reused = None, 0
+                row.entry = entry
+                row.cells = row.needs if unified else 0
                 if row.cells > free_cells:
                     break
                 free_cells -= row.cells
                 joining.append(row)
             if not joining and pending and not live:
-                raise BackendError(f"model {self.name!r}: request {pending[0].index} does not fit the KV cache next "
-                                   f"to the cached prefix; raise models.<alias>.llamacpp.n_ctx")
+                raise BackendError(f"model {self.name!r}: request {pending[0].index} does not fit the KV cache; "
+                                   f"raise models.<alias>.llamacpp.n_ctx")
             pending = pending[len(joining):]
             if not live and not joining:
                 return computed
@@ -446,9 +471,10 @@ class LlamaCppModel:
             free_seqs = (s for s in range(1, self._n_seq) if s not in taken)  # lowest first: keeps ids consecutive
             for row in joining:
                 row.seq = next(free_seqs)
-                self._copy_prefix(row)
+                if row.entry is not None:
+                    self._restore(row.entry, row.seq, row.reused)
                 row.pos = row.reused
-                mine = min(charge, max(0, row.reused - fresh))
+                mine = min(charge, row.reused)
                 row.cached, charge = row.reused - mine, charge - mine
                 computed += len(row.ids) - row.reused
             # in seq id order: llama.cpp puts only consecutive sequence ids (per-sequence KV) into one ubatch
@@ -464,6 +490,9 @@ class LlamaCppModel:
                     started = time.perf_counter()
                     self._run(item, cancel)
                     self._timed("decode" if item is steps else "prefill", started, sum(len(t) for _, t in item))
+            for row in joining:  # a row sharing nothing with the call's others: its prompt may start the next call's
+                if reuse and row.index not in grouped and len(row.ids) - row.reused > MIN_PIECE:
+                    self._save(row.seq, row.ids, pinned=made)
             live = live + joining
 
     def _timed(self, phase: str, started: float, tokens: int) -> None:
@@ -472,42 +501,50 @@ class LlamaCppModel:
             setattr(self.stats, f"{phase}_seconds", getattr(self.stats, f"{phase}_seconds") + time.perf_counter() - started)
             setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + tokens)
 
-    def _copy_prefix(self, row: _Row) -> None:
-        if not row.reused:
-            return
-        if self.settings.kv_unified:  # the row's sequence also tags the prefix's cells: nothing is copied
-            self._l.llama_memory_seq_cp(self._mem, PREFIX_SEQ, row.seq, 0, row.reused)
-            return
-        self._l.llama_memory_seq_cp(self._mem, PREFIX_SEQ, row.seq, -1, -1)  # across streams: whole streams only
-        if row.reused < len(self._cached):
-            self._l.llama_memory_seq_rm(self._mem, row.seq, row.reused, -1)
+    def _save(self, seq: int, ids: Sequence[int], pinned: set = frozenset()) -> tuple[int, ...]:
+        """Save sequence `seq`'s KV (it holds exactly the tokens `ids`) as the prefix state of `ids`."""
+        L = self._l
+        size = L.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = L.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        if n == 0:
+            raise BackendError(f"model {self.name!r}: llama.cpp could not save the KV of sequence {seq}")
+        return self._prefixes.put(ids, bytes(buf)[:n], pinned)
 
-    def _prepare_prefix(self, prompts: list[list[int]], cancel: threading.Event | None) -> int:
-        """Make the cached prefix the one that saves this call the most prompt tokens (see `_best_prefix`: with
-        rows of several experts' system prompts, the prefix of the largest group sharing one, not merely what all
-        rows share), computing only what the cache lacks; returns the tokens computed. A cache that serves the
-        call at least as well is kept as is."""
-        target = _best_prefix(self._cached, prompts)
-        if target is None:
-            return 0
-        keep = _common_prefix(self._cached, target, len(target))
-        if keep == len(target):
-            return 0
-        keep = max(0, min(keep, len(target) - MIN_PIECE))  # the new part is computed MIN_PIECE tokens or more
-        if keep < len(self._cached):
-            self._l.llama_memory_seq_rm(self._mem, PREFIX_SEQ, keep, -1)
-            del self._cached[keep:]
-        if self.settings.kv_unified and len(target) > self._n_ctx // 2:  # rows need the shared cells too
-            return 0
-        prefix = _Row(-1, GenerationRequest(()), target)
-        prefix.seq, prefix.pos = PREFIX_SEQ, keep
-        try:
-            self._run([(prefix, target[keep:])], cancel, logits=False)
-        except BaseException:
-            self._l.llama_memory_seq_rm(self._mem, PREFIX_SEQ, keep, -1)
-            raise
-        self._cached = list(target)
-        return len(target) - keep
+    def _restore(self, entry: tuple[int, ...], seq: int, keep: int) -> None:
+        """Restore the saved prefix `entry` into the empty sequence `seq`, keeping its first `keep` tokens."""
+        state = self._prefixes.get(entry)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self._l.llama_state_seq_set_data(self._ctx, buf, len(state), seq) == 0:
+            raise BackendError(f"model {self.name!r}: llama.cpp could not restore a saved prefix of {len(entry)} "
+                               f"tokens into sequence {seq} (no free KV cells: raise llamacpp.n_ctx)")
+        if keep < len(entry):
+            self._l.llama_memory_seq_rm(self._mem, seq, keep, -1)
+
+    def _prepare_prefixes(self, rows: list[_Row], cancel: threading.Event | None) -> tuple[int, set, set[int]]:
+        """Compute and save, once, the prefix of every group of rows sharing one that no saved state covers (a
+        nested group extends its outer group's saved prefix).
+
+        Returns (prefix tokens computed, the entries saved, indices of the rows in a group)."""
+        computed, made, grouped = 0, set(), set()
+        for prefix, members in shared_groups([r.ids for r in rows], self.settings.min_shared_tokens, MIN_PIECE):
+            grouped.update(rows[i].index for i in members)
+            entry, have = self._prefixes.best(prefix, len(prefix))
+            if have == len(prefix):
+                continue  # a saved state already covers it
+            have = have if have >= MIN_PIECE else 0
+            have = min(have, len(prefix) - MIN_PIECE)  # the new part is computed MIN_PIECE tokens or more
+            try:
+                if have:
+                    self._restore(entry, PREFIX_SEQ, have)
+                scratch = _Row(-1, GenerationRequest(()), prefix)
+                scratch.seq, scratch.pos = PREFIX_SEQ, have
+                self._run([(scratch, prefix[have:])], cancel, logits=False)
+                made.add(self._save(PREFIX_SEQ, prefix, pinned=made))
+            finally:
+                self._l.llama_memory_seq_rm(self._mem, PREFIX_SEQ, -1, -1)
+            computed += len(prefix) - have
+        return computed, made, grouped
 
     def _run(self, items: list[tuple[_Row, list[int]]], cancel: threading.Event | None, logits: bool = True) -> None:
         """Feed each row its tokens at its next positions, in as few `llama_decode` calls as n_batch allows (a row's
@@ -561,50 +598,12 @@ class LlamaCppModel:
             flush()
 
     def _clear_rows(self, keep_prefix: bool) -> None:
-        """Drop every row's KV after a call; after a failed one (cancelled, error) the cached prefix too."""
+        """Drop every row's KV after a call; after a failed one (cancelled, error) the saved prefixes too."""
         for seq in range(1, self._n_seq):
             self._l.llama_memory_seq_rm(self._mem, seq, -1, -1)
         if not keep_prefix:
             self._l.llama_memory_clear(self._mem, False)
-            self._cached = []
-
-
-def _best_prefix(cached: Sequence[int], prompts: list[list[int]]) -> list[int] | None:
-    """The prefix to cache for a call of `prompts`, or None to keep `cached`: the candidate with the most prompt
-    tokens reused by the call's rows (each row keeps MIN_PIECE tokens of its own) minus the tokens it costs to
-    compute beyond what the cache holds. Candidates: the common prefix of each pair of neighbours in sorted order
-    (every maximal group of rows sharing a prefix is such a pair's prefix), or a lone row's prompt. Ties go to the
-    new prefix (a lone row's prompt is cached for the calls after it, as before)."""
-    def score_of(prefix: Sequence[int]) -> int:
-        return sum(_common_prefix(prefix, p, len(p) - MIN_PIECE) for p in prompts)
-
-    if len(prompts) == 1:
-        candidates = [prompts[0][:len(prompts[0]) - MIN_PIECE]]
-    else:
-        ordered = sorted(prompts)
-        candidates, seen = [], set()
-        for a, b in zip(ordered, ordered[1:]):
-            n = _common_prefix(a, b, min(len(a), len(b)) - MIN_PIECE)
-            if n >= MIN_PIECE and tuple(a[:n]) not in seen:
-                seen.add(tuple(a[:n]))
-                candidates.append(a[:n])
-    best, best_score = None, score_of(cached)
-    for prefix in candidates:
-        have = _common_prefix(cached, prefix, len(prefix))
-        if len(prefix) < MIN_PIECE or have == len(prefix):  # the cache already holds it: keeping it is as good
-            continue
-        score = score_of(prefix) - (len(prefix) - have)
-        if score >= best_score:
-            best, best_score = list(prefix), score
-    return best
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), max(limit, 0))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+            self._prefixes.clear()
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

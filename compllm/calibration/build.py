@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from compiler.cost import CostModel, ModelCost
@@ -231,21 +231,37 @@ REMOTE_PREFILL_S_PER_TOKEN, REMOTE_DECODE_S_PER_TOKEN = 2e-4, 0.02
 LLAMACPP_PROTOCOL = dict(prompt_tokens=128, new_tokens=8, repeats=2)
 
 
+def remote_key(spec) -> str:
+    """A served model's timings hold for one served name at one URL (`task=calibrate` measures them)."""
+    server = spec.get("server") or {}
+    return f"{server.get('model')}|remote|openai|{server.get('base_url')}"
+
+
 def engine_cost(pool, alias: str, store: CalibrationStore, auto_calibrate: bool) -> ModelCost | None:
     """The cost of an alias served by an engine other than hf, or None for hf (calibrated from its files).
 
-    `openai`: no local memory (`CostModel` budgets only this process), remote timing defaults. `llamacpp`: the
+    `openai`: no local memory (`CostModel` budgets only this process); the timings `task=calibrate` measured from
+    the client (`compllm.calibration.remote`), else remote timing defaults. `llamacpp`: the
     stored calibration, else measured on the loaded model (`LlamaCppModel.calibrate`: the KV cache is allocated
     at load, so its resident bytes are all the memory it ever takes), else its resident bytes with hf-like
     estimates."""
     spec = pool.spec(alias)
     backend = str(spec.get("backend", "hf"))
     if backend == "openai":
+        entry = store.get(remote_key(spec))
+        if entry is not None:
+            return entry.cost
         return ModelCost(weight_bytes=0, kv_bytes_per_token=0, prefill_s_per_token=REMOTE_PREFILL_S_PER_TOKEN,
                          decode_s_per_token=REMOTE_DECODE_S_PER_TOKEN, load_s=0.0)
     if backend != "llamacpp":
         return None
     settings = spec.get("llamacpp") or {}
+    saved = (int(settings.get("prefix_cache_mb", 64)) << 20) if settings.get("prefix_cache", True) else 0
+    cost = _llamacpp_cost(pool, alias, spec, settings, store, auto_calibrate)
+    return replace(cost, weight_bytes=cost.weight_bytes + saved)  # the saved prefixes' memory, reserved in full
+
+
+def _llamacpp_cost(pool, alias: str, spec, settings, store: CalibrationStore, auto_calibrate: bool) -> ModelCost:
     key = calibration_key(spec.get("name", alias), "cpu", "gguf", f"llamacpp-t{settings.get('threads', 1)}"
                           f"-seq{settings.get('n_seq_max', 9)}x{settings.get('n_ctx', 2048)}")
     entry = store.get(key)

@@ -70,7 +70,8 @@ def parse_entry(key: str, raw: Any) -> Entry | None:
         return None
     try:
         cost = ModelCost(**{k: v for k, v in raw.items() if k in _COST_FIELDS})
-        if not (cost.weight_bytes > 0 and cost.prefill_s_per_token > 0 and cost.decode_s_per_token > 0):
+        served = "|remote|" in key  # a served model holds no local memory (calibration.build.remote_key)
+        if not ((cost.weight_bytes > 0 or served) and cost.prefill_s_per_token > 0 and cost.decode_s_per_token > 0):
             raise ConfigError("weights and timings must be positive")
     except (TypeError, ValueError, ConfigError) as exc:
         log.warning("ignoring garbled calibration entry %s (%s)", key, exc)

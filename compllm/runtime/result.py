@@ -77,10 +77,13 @@ class RunResult:
                                 routes[qid], graph, node_results, execute_start)
                    for qid in (order or list(graph.queries))]
         models = {alias: {"name": m.name, "load_seconds": round(m.stats.load_seconds, 3), "calls": m.stats.calls,
-                          "prompt_tokens": m.stats.prompt_tokens, "output_tokens": m.stats.output_tokens}
+                          "prompt_tokens": m.stats.prompt_tokens, "output_tokens": m.stats.output_tokens,
+                          **({"engine": plan.engines[alias]} if alias in plan.engines else {}),
+                          **({"prefill_tokens_reused": m.stats.extra["prefill_tokens_reused"]}
+                             if "prefill_tokens_reused" in m.stats.extra else {})}
                   for alias, m in loaded.items()}
         errors = [f"{r.node_id}: {r.error}" for q in queries for r in q.nodes if r.status == "failed"]
-        trace = chrome_trace(policy, node_results.values(), records, marks)
+        trace = chrome_trace(policy, node_results.values(), records, marks, plan.engines)
         return cls(policy, queries, {k: round(v, 3) for k, v in timings.items()}, models, errors, plan.to_dict(),
                    trace, memory)
 

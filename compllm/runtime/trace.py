@@ -6,7 +6,7 @@ per query (each node's span), so idle gaps and how batches serve several queries
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from compiler import trace_events as te
 from compllm.runtime.result import NodeResult
@@ -34,7 +34,8 @@ class Mark:
 
 
 def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepRecord] = (),
-                 marks: Sequence[Mark] = ()) -> dict:
+                 marks: Sequence[Mark] = (), engines: Mapping[str, str] = {}) -> dict:
+    """`engines`: model -> the engine that runs it (the plan's), named on each of its steps."""
     events: list[dict] = [te.process_name(1, f"compllm {policy}: streams"),
                           te.process_name(2, f"compllm {policy}: queries")]
     for stream in sorted({s.stream for s in steps} | {m.stream for m in marks}):
@@ -45,7 +46,8 @@ def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepR
         name = f"{s.kind} {s.model}".rstrip() + (f" x{len(s.nodes)}" if s.nodes else "") + \
             (f" ({s.slots} at a time)" if s.slots else "")
         events.append(te.span(name, s.kind, 1, s.stream, s.start, s.end,
-                              {"step": s.step_id, "nodes": list(s.nodes), **({"slots": s.slots} if s.slots else {})}))
+                              {"step": s.step_id, "nodes": list(s.nodes), **({"slots": s.slots} if s.slots else {}),
+                               **({"engine": engines[s.model]} if s.model in engines else {})}))
     queries: dict[str, int] = {}
     for r in nodes:
         tid = queries.setdefault(r.query_id, len(queries))
