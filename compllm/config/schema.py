@@ -24,6 +24,7 @@ from compllm.backends.openai_server import ServerConfig
 from compllm.experts import Expert
 from compllm.runtime.faults import RetryPolicy
 from compllm.runtime.prompts import Aggregator
+from compllm.runtime.ray_executor import RayClusterConfig
 from compllm.serve.config import ServeConfig
 
 
@@ -100,6 +101,19 @@ class PolicyConfig:
     barrier: bool = False  # run plan steps one at a time in plan order (the `level` and `sequential` policies)
 
 
+class ClusterKind(str, Enum):
+    local = "local"  # every step in this process
+    ray = "ray"  # placed steps on Ray actors (compllm/runtime/ray_executor.py)
+
+
+@dataclass
+class ClusterConfig:
+    """conf/cluster/: where the plan runs. `ray`: the Ray executor's settings (its own dataclass is the schema)."""
+
+    name: ClusterKind = ClusterKind.local
+    ray: RayClusterConfig = field(default_factory=RayClusterConfig)
+
+
 @dataclass
 class TaskConfig:
     """What the app does (conf/task/*.yaml): a `_target_` function that main instantiates as a partial and calls as
@@ -153,6 +167,7 @@ class CompllmConfig:
     aggregator: Aggregator = field(default_factory=Aggregator)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     task: TaskConfig = field(default_factory=TaskConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # task=serve: the HTTP server (conf/serve/)
