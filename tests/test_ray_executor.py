@@ -50,6 +50,18 @@ def ray_cluster():
         cluster.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in every actor: on a shared 2-core box, OpenMP threads meeting at barriers are
+    far slower when oversubscribed, and equal thread counts keep the fp32 sums identical on both sides."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smol(model_cache):
     """SmolLM2-135M fp32 on CPU as two aliases (`small`, `big`): one shared copy locally, one actor each on Ray.
@@ -75,20 +87,14 @@ def placed(plan: Plan, nodes: dict[str, str]) -> Plan:
     return dataclasses.replace(plan, steps=steps)
 
 
-def threads() -> int:
-    import torch
-
-    return torch.get_num_threads()  # the actors compute with the same thread count as this process
-
-
 def executor(max_restarts: int = 1) -> RayExecutor:
-    return RayExecutor("compiled", cluster=RayClusterConfig(max_restarts=max_restarts, threads=threads()))
+    return RayExecutor("compiled", cluster=RayClusterConfig(max_restarts=max_restarts, threads=1))
 
 
 def compound() -> tuple[Graph, Plan]:
     """One query of three sub-queries on two models (`general` -> small, `math` -> big), #2 needing #1's answer."""
     g = wall_query(Graph(), FinalAnswer.join)
-    return g, compile(g, cost(), CompilerConfig(streams=2), resident={})
+    return g, compile(g, cost(), CompilerConfig(streams=1), resident={})
 
 
 def test_ray_compound_query_across_two_nodes_answers_as_the_local_executor(ray_cluster, smol):

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 from compiler.ir import Graph
 from compiler.plan import Plan, Step, StepKind
 from compiler.walker import PlanWalker
-from compllm.backends.base import BackendError, Generation, GenerationCancelled, GenerationRequest
+from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.runtime.context import ExecutionContext
 from compllm.runtime.executor import LiveRun
 from compllm.runtime.faults import CallOutcome, generate_with_retry
@@ -67,6 +67,7 @@ class RayClusterConfig:
     include_dashboard: bool = False
     node_resource: float = 0.001  # how much of a node's custom resource one actor takes (many actors per node)
     threads: Optional[int] = None  # torch threads in each actor; null = Ray's default for the worker
+    restart_timeout_s: float = 600.0  # how long a call waits for a dead actor's restart (model reload) to finish
 
     def __post_init__(self) -> None:
         if self.max_restarts < -1 or not 0 < self.node_resource <= 1:
@@ -170,6 +171,8 @@ class Replicas:
         try:
             ray.get(actor.ready.remote())
         except Exception as exc:  # noqa: BLE001 - the load failed on the node: say where and why
+            if wait_until_ready(actor, self.config.restart_timeout_s):  # it died while loading and is back
+                return
             with self.lock:
                 self.actors.pop((model, node), None)
             raise BackendError(f"loading {model!r} on node {node!r} failed: {_reason(exc)}") from None
@@ -208,8 +211,30 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
-def remote_call(actor: Any, label: str, slots: int, what: str) -> Callable[[list[GenerationRequest], threading.Event],
-                                                                           list[Generation]]:
+def wait_until_ready(actor: Any, timeout_s: float) -> bool:
+    """Wait while Ray restarts the actor (its constructor reloads the model): True once it answers, False if it
+    is dead for good (no restarts left) or still not back after `timeout_s`."""
+    ray = _ray()
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.ready.remote(), timeout=max(end - time.monotonic(), 0.1))
+            return True
+        except ActorDiedError:
+            return False
+        except ActorUnavailableError:
+            time.sleep(0.2)
+        except GetTimeoutError:
+            break
+    return False
+
+
+Attempt = Callable[[list[GenerationRequest], threading.Event], list[Generation]]
+
+
+def remote_call(actor: Any, label: str, slots: int, what: str, restart_timeout_s: float = 600.0) -> Attempt:
     """One attempt of a generate step on an actor, as `generate_with_retry` calls it: a dead actor becomes
     `ActorLostError` (a retryable fault), a remote backend error its own exception, and a cancel (timeout) is
     forwarded to the actor, the attempt lasting until the actor has really stopped."""
@@ -227,7 +252,11 @@ def remote_call(actor: Any, label: str, slots: int, what: str) -> Callable[[list
         try:
             return ray.get(ref)
         except RayActorError as exc:
-            raise ActorLostError(f"actor {label} died during {what}: {_reason(exc)}") from None
+            # Ray fails calls to a restarting actor instead of queueing them: end this attempt only once the
+            # replica is back (or dead for good), so the retry policy's next attempt finds its model loaded.
+            back = wait_until_ready(actor, restart_timeout_s)
+            raise ActorLostError(f"actor {label} died during {what}: {_reason(exc)}"
+                                 + ("; Ray restarted it" if back else "; it is not restarted")) from None
         except RayTaskError as exc:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
             if cause is not None:
@@ -268,7 +297,8 @@ class RayRun(LiveRun):
         if not step.node:
             return super()._call(step, requests, policies, on_text)
         label = Replicas.label(step.model, step.node)
-        call = remote_call(self.replicas.get(step.model, step.node), label, step.slots, step.id)
+        call = remote_call(self.replicas.get(step.model, step.node), label, step.slots, step.id,
+                           self.replicas.config.restart_timeout_s)
         outcomes = generate_with_retry(call, list(requests), policies, step.id)
         if on_text is not None:  # an actor's replies come back whole: stream each once, as it arrives
             for i, outcome in enumerate(outcomes):
@@ -399,7 +429,11 @@ class RayExecutor:
     def replica_stats(self) -> dict[str, dict[str, Any]]:
         """`<model>@<node>` -> load time and token counts, asked of each live actor."""
         ray = _ray()
-        return {Replicas.label(m, n): ray.get(a.stats.remote()) for (m, n), a in list(self.replicas.actors.items())}
+        out = {}
+        for (m, n), actor in list(self.replicas.actors.items()):
+            if wait_until_ready(actor, self.cluster.restart_timeout_s):
+                out[Replicas.label(m, n)] = ray.get(actor.stats.remote())
+        return out
 
     def shutdown(self) -> None:
         """Kill every replica this executor started (Ray itself stays up)."""
