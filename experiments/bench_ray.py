@@ -24,6 +24,7 @@ Writes experiments/results/bench_ray.json (after every measurement) and bench_ra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -176,7 +177,12 @@ def table(record: dict) -> str:
         f"Ray's extra cost per generate step: median {f(s['ray_overhead_ms_median'])} ms over {s['generate_steps']} "
         f"steps; {f(s['ray_overhead_ms_median_ge_1s'])} ms over the {s['steps_ge_1s']} steps of >= 1 s, "
         f"**ray_overhead_frac = {f(s['ray_overhead_frac'], 4)}** of their step time. Answers agree: "
-        f"{s['answers_agree']}. Actor start + model load (first repeat): {record.get('ray_load_s', 'n/a')}.",
+        f"{s['answers_agree']}. Load steps in the first repeat (s): local {record.get('local_load_s', 'n/a')}, Ray (actor "
+        f"start + model load) {record.get('ray_load_s', 'n/a')}; starting the 2-node Ray cluster: {record['ray_start_s']} s.",
+        "",
+        "Overhead = a step's wall time in the coordinator minus the backend's own call time, measured where the model "
+        "runs (this process, or inside the actor): it is what the executor adds (prompt building, retry wrapper, and "
+        "for Ray the actor call, serialization and result transfer), not differences in compute speed.",
         "",
         f"Simulated cluster (from {s['sim_source'] or 'bench_cluster_sim.json: not present'}): "
         f"place vs round-robin makespan {s['sim_place_vs_round_robin']}, place's gap to its lower bound "
@@ -210,7 +216,7 @@ def main() -> None:
 
     cfg = compose([f"model={args.model}", "auto_calibrate=false", "show_progress=false", *args.override])
     with open_dict(cfg):
-        cfg.models.second = OmegaConf.to_container(cfg.models.default)
+        cfg.models.second = copy.deepcopy(cfg.models.default)
         for name in SECOND:
             if name in cfg.experts:
                 cfg.experts[name].model = "second"

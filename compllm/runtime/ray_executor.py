@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -309,8 +309,7 @@ class RayRun(LiveRun):
     def _record(self, step: Step, start: float, end: float) -> StepRecord:
         record = super()._record(step, start, end)
         if step.node and step.kind in (StepKind.LOAD, StepKind.EVICT, StepKind.GENERATE):
-            record = StepRecord(**{**{f.name: getattr(record, f.name) for f in fields(record)},
-                                   "worker": Replicas.label(step.model, step.node)})
+            record = replace(record, worker=Replicas.label(step.model, step.node))
         return record
 
     # --- the asyncio coordinator ----------------------------------------------------------------------
