@@ -325,7 +325,8 @@ class RayRun(LiveRun):
         open_ = True
         # Steps block on their actor (and sleep between retries): one thread per running step, at most one per
         # stream (the walker's contract), so the pool never holds a ready step back.
-        with ThreadPoolExecutor(64, thread_name_prefix="compllm-ray-step") as threads:
+        threads = ThreadPoolExecutor(64, thread_name_prefix="compllm-ray-step")
+        try:
             while True:
                 while True:  # take every event already queued
                     try:
@@ -354,6 +355,10 @@ class RayRun(LiveRun):
                     else:
                         fut.result()  # an executor bug is re-raised here
                         walker.finish(running.pop(fut))
+        finally:
+            if getter is not None and not getter.done():
+                self._events.put(("close",))  # wake the event reader (the run is ending on an error)
+            threads.shutdown(wait=True)  # no step keeps running behind the run's back
 
 
 class RayExecutor:
