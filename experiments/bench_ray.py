@@ -19,7 +19,8 @@ Two measurements per repeat, executors alternating (order rotated every repeat):
 Answers must agree between the executors (same plan, greedy). Loads (actor start + model load) are reported
 separately, from the first repeat. The summary also carries `sim_place_vs_round_robin` and `sim_place_gap` from
 experiments/results/bench_cluster_sim.json (the simulator's result; null when that file does not exist).
-Writes experiments/results/bench_ray.json (after every measurement) and bench_ray.md.
+Writes experiments/results/bench_ray.json (after every measurement) and bench_ray.md. `--summarize-only` recomputes
+the summary from the stored runs (e.g. to pick up bench_cluster_sim.json once it exists).
 """
 from __future__ import annotations
 
@@ -205,7 +206,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-llamacpp")
     ap.add_argument("--override", nargs="*", default=[])
     ap.add_argument("--out", default=str(RESULTS / "bench_ray"))
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="recompute the summary and table from the JSON's runs (e.g. once bench_cluster_sim.json exists)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.summarize_only:
+        record = json.loads(out.with_suffix(".json").read_text())
+        record["summary"] = summarize(record)
+        out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        out.with_suffix(".md").write_text(table(record))
+        print(json.dumps(record["summary"], indent=1))
+        return
 
     import ray
     from omegaconf import OmegaConf, open_dict
@@ -239,7 +250,6 @@ def main() -> None:
     ray.init(address=cluster.address, namespace="compllm-bench", log_to_driver=False)
     ray_start = time.perf_counter() - started
     executor = RayExecutor("level", cluster=RayClusterConfig())
-    out = Path(args.out)
     record = {
         "model": cfg.models.default.name, "queries": args.queries, "nodes": len(graph), "repeats": args.repeats,
         "command": "PYTHONPATH=. .venv/bin/python experiments/bench_ray.py " + " ".join(sys.argv[1:]),
