@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-strategyqa setup-large setup-llamacpp run test test-fast experiment report clean-venv
+.PHONY: setup setup-strategyqa setup-large setup-llamacpp setup-ray run test test-fast experiment report clean-venv
 
 $(VENV)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -63,10 +63,17 @@ endif
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
 	@touch $@
 
+# Ray (cluster=ray) and the joblib sweep launcher: optional, kept out of `make run`; `make test` tries it.
+$(VENV)/.stamp-ray: $(VENV)/.stamp-venv requirements/ray.txt
+	$(PIP) install -r requirements/ray.txt
+	$(PY) -c "import ray, hydra_plugins.hydra_joblib_launcher; print('ray', ray.__version__)"
+	@touch $@
+
 setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
 setup-strategyqa: setup $(VENV)/.stamp-strategyqa
 setup-large: setup $(VENV)/.stamp-large
 setup-llamacpp: setup $(VENV)/.stamp-llamacpp
+setup-ray: setup $(VENV)/.stamp-ray
 
 # Reproduce a result into the committed experiments/results/runs/: `make experiment EXP=paper_accuracy` (rerun to
 # resume); tables and plots: `make report`. A plain `compllm -m experiment=...` writes to multirun/experiments/.
@@ -82,6 +89,7 @@ run: setup
 # The llama.cpp build is tried, not required: if it fails (no compiler), its tests skip and say why.
 test: setup-strategyqa
 	$(MAKE) --no-print-directory setup-llamacpp || echo "WARNING: llama-cpp-python did not build; its tests will skip"
+	$(MAKE) --no-print-directory setup-ray || echo "WARNING: Ray did not install; the Ray and launcher tests will skip"
 	$(PY) -m pytest
 
 test-fast: setup

@@ -147,6 +147,8 @@ class Pipeline:
         self.prepare()
         with self._stage("compile"):
             # a discovered cluster is read again at every compile: nodes that joined or left are planned for
+            if self.cluster is not None and self.cluster.discover and hasattr(self.policy, "connect"):
+                self.policy.connect()  # the Ray executor joins (or starts) its cluster, so its nodes can be read
             return compile(graph, self.cost, config, resident=self.pool.loaded(), cluster=resolve_cluster(self.cluster))
 
     # --- the whole pipe -----------------------------------------------------------------------------

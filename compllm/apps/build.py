@@ -19,7 +19,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         decomposer=instantiate(cfg.decomposer, _convert_="all"),
         router=instantiate(cfg.router, _convert_="all"),
         aggregator=OmegaConf.to_object(cfg.aggregator),
-        policy=instantiate(cfg.policy),
+        policy=build_policy(cfg),
         max_answer_chars=cfg.max_answer_chars,
         compiler_config=OmegaConf.to_object(cfg.compiler),
         cluster=OmegaConf.to_object(cfg.cluster),
@@ -28,3 +28,14 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         auto_calibrate=cfg.auto_calibrate,
         show_progress=cfg.show_progress,
     )
+
+
+def build_policy(cfg: DictConfig):
+    """The policy's executor; on `cluster=ray` the same policy (name, barrier) run by the Ray executor."""
+    policy = instantiate(cfg.policy)
+    cluster = cfg.get("cluster")
+    if cluster is None or str(getattr(cluster.executor, "value", cluster.executor)) != "ray":
+        return policy
+    from compllm.runtime.ray_executor import RayExecutor
+
+    return RayExecutor(policy.name, policy.barrier, OmegaConf.to_object(cluster.ray))

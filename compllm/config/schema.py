@@ -25,6 +25,7 @@ from compllm.backends.openai_server import ServerConfig
 from compllm.experts import Expert
 from compllm.runtime.faults import RetryPolicy
 from compllm.runtime.prompts import Aggregator
+from compllm.runtime.ray_executor import RayClusterConfig
 from compllm.serve.config import ServeConfig
 
 
@@ -101,6 +102,20 @@ class PolicyConfig:
     barrier: bool = False  # run plan steps one at a time in plan order (the `level` and `sequential` policies)
 
 
+class ClusterExecutor(str, Enum):
+    local = "local"  # every step in this process
+    ray = "ray"  # placed steps on Ray actors (compllm/runtime/ray_executor.py)
+
+
+@dataclass
+class ClusterConfig(ClusterSpec):
+    """conf/cluster/: what the `place` pass places on (the compiler's `ClusterSpec`: nodes, devices, memory) and
+    what runs the placed plan: `executor` (local, or Ray actors with the `ray` settings, their own schema)."""
+
+    executor: ClusterExecutor = ClusterExecutor.local
+    ray: RayClusterConfig = field(default_factory=RayClusterConfig)
+
+
 @dataclass
 class TaskConfig:
     """What the app does (conf/task/*.yaml): a `_target_` function that main instantiates as a partial and calls as
@@ -153,8 +168,8 @@ class CompllmConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     aggregator: Aggregator = field(default_factory=Aggregator)
     compiler: CompilerConfig = field(default_factory=CompilerConfig)
-    cluster: ClusterSpec = field(default_factory=ClusterSpec)  # conf/cluster/: local (default), ray, h100_8x8
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # conf/cluster/: local (default), ray, h100_8x8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     task: TaskConfig = field(default_factory=TaskConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # task=serve: the HTTP server (conf/serve/)

@@ -210,9 +210,9 @@ class LiveRun:
             self.on_step()
         try:
             if step.kind is StepKind.LOAD:
-                self.ctx.pool.get(step.model)
+                self._load(step)
             elif step.kind is StepKind.EVICT:
-                self.ctx.pool.evict(step.model)
+                self._evict(step)
             elif step.kind is StepKind.HOST:
                 self._host(step)
             else:
@@ -220,10 +220,24 @@ class LiveRun:
                 _synchronize_device()
         finally:
             with self.lock:
-                self.records.append(StepRecord(step.id, step.kind.value, step.model, step.stream, start,
-                                               self.ctx.now(), step.nodes, step.slots))
+                self.records.append(self._record(step, start, self.ctx.now()))
             if self.on_step is not None:
                 self.on_step()
+
+    # Where a step's model work happens: this process's pool here; a cluster executor (compllm/runtime/ray_executor.py)
+    # overrides these three and nothing else of the step logic.
+    def _load(self, step: Step) -> None:
+        self.ctx.pool.get(step.model)
+
+    def _evict(self, step: Step) -> None:
+        self.ctx.pool.evict(step.model)
+
+    def _call(self, step: Step, requests: list, policies: list, on_text: Callable[[int, str], None] | None) -> list:
+        """One generate step's model call under the retry policies: one CallOutcome per request."""
+        return self.ctx.generate(step.model, requests, policies, step.id, step.slots, on_text)
+
+    def _record(self, step: Step, start: float, end: float) -> StepRecord:
+        return StepRecord(step.id, step.kind.value, step.model, step.stream, start, end, step.nodes, step.slots)
 
     def _is_cancelled(self, node_id: str) -> bool:
         """Every query the node answers for (its own, its fused parts', its deduplicated twins') is cancelled."""
@@ -268,8 +282,7 @@ class LiveRun:
             on_text = None
             if self.on_text is not None and any(n.kind is NodeKind.AGGREGATE for n, _ in runnable):
                 on_text = lambda row, text: self.on_text(runnable[row][0].id, text)  # noqa: E731
-            outcomes = self.ctx.generate(step.model, requests, [self.ctx.policy(n) for n, _ in runnable], step.id,
-                                         step.slots, on_text)
+            outcomes = self._call(step, requests, [self.ctx.policy(n) for n, _ in runnable], on_text)
             with self.lock:
                 end = self.ctx.now()
                 for (node, res), request, outcome in zip(runnable, requests, outcomes):

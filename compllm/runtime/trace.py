@@ -12,6 +12,9 @@ from compiler import trace_events as te
 from compllm.runtime.result import NodeResult
 
 
+WORKER_ROWS = 1000  # trace row ids of remote workers (actors) start here, after the plan's streams
+
+
 @dataclass(frozen=True)
 class StepRecord:
     step_id: str
@@ -22,6 +25,7 @@ class StepRecord:
     end: float
     nodes: Sequence[str] = ()
     slots: int = 0  # generate: rows decoding at once when the call refills (0: all at once)
+    worker: str = ""  # where it ran when not in this process, e.g. a Ray actor "small@n1": a trace row of its own
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,20 @@ def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepR
     """`engines`: model -> the engine that runs it (the plan's), named on each of its steps."""
     events: list[dict] = [te.process_name(1, f"compllm {policy}: streams"),
                           te.process_name(2, f"compllm {policy}: queries")]
-    for stream in sorted({s.stream for s in steps} | {m.stream for m in marks}):
+    workers = {w: WORKER_ROWS + i for i, w in enumerate(sorted({s.worker for s in steps if s.worker}))}
+    for stream in sorted({s.stream for s in steps if not s.worker} | {m.stream for m in marks}):
         events.append(te.thread_name(1, stream, "planner" if stream < 0 else f"stream {stream}"))
+    for worker, tid in workers.items():
+        events.append(te.thread_name(1, tid, f"actor {worker}"))
     for m in marks:
         events.append(te.instant(m.name, 1, m.stream, m.at, {}))
     for s in steps:
+        tid = workers[s.worker] if s.worker else s.stream
         name = f"{s.kind} {s.model}".rstrip() + (f" x{len(s.nodes)}" if s.nodes else "") + \
             (f" ({s.slots} at a time)" if s.slots else "")
-        events.append(te.span(name, s.kind, 1, s.stream, s.start, s.end,
+        events.append(te.span(name, s.kind, 1, tid, s.start, s.end,
                               {"step": s.step_id, "nodes": list(s.nodes), **({"slots": s.slots} if s.slots else {}),
+                               **({"stream": s.stream, "worker": s.worker} if s.worker else {}),
                                **({"engine": engines[s.model]} if s.model in engines else {})}))
     queries: dict[str, int] = {}
     for r in nodes:
