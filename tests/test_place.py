@@ -199,11 +199,50 @@ def test_simulated_bounds_never_exceed_the_makespan(seed, nodes, devices, policy
     sim = simulate(plan, cost)
     assert sim.critical_path_s <= sim.makespan_s * (1 + 1e-9)
     assert sim.work_bound_s <= sim.makespan_s * (1 + 1e-9)  # one generate at a time per device
+    assert sim.work_bound_s <= sim.memory_bound_s * (1 + 1e-9)  # loads idle devices
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+    assert sim.lower_bound_s <= sim.makespan_s * (1 + 1e-9)
     assert sim.devices == nodes * devices
     for where, busy in sim.device_busy_s.items():
         assert busy <= sim.makespan_s * (1 + 1e-9)
     if memory is not None:
         assert sim.peak_resident_bytes <= memory
+
+
+@CLUSTER_PROPERTY
+@given(seed=st.integers(0, 10**6), nodes=st.integers(1, 3), devices=st.integers(1, 3),
+       policy=st.sampled_from(POLICIES), big=st.integers(1, 3), load_s=st.floats(0.0, 5.0))
+def test_memory_bound_never_exceeds_the_makespan_with_models_that_fill_a_device(seed, nodes, devices, policy, big,
+                                                                                load_s):
+    """Models of 7 GB on 10 GB devices share a device with nothing (exclusive), beside 1 GB models: the bound
+    charges their loads as idle device time; it must stay at or below every simulated makespan."""
+    rng = random.Random(seed)
+    models = {f"big{i}": ModelCost(7 * GB, 1000, rng.uniform(1e-4, 1e-3), rng.uniform(1e-3, 3e-2),
+                                   load_s=load_s * rng.uniform(0.5, 1.5)) for i in range(big)}
+    models |= {f"small{i}": ModelCost(GB, 1000, 1e-4, rng.uniform(1e-3, 1e-2), load_s=rng.uniform(0.0, 1.0))
+               for i in range(2)}
+    names = list(models)
+    experts = [f"e{i}" for i in range(5)]
+    cost = CostModel(models, {**{e: rng.choice(names) for e in experts}, "aggregator": rng.choice(names)})
+    graph = random_graph(rng, experts, n_queries=rng.randint(1, 16))
+    plan = compile(graph, cost, CompilerConfig(placement=policy, max_batch_size=rng.choice([1, 4])),
+                   cluster=uniform_cluster(nodes, devices, 10 * GB))
+    sim = simulate(plan, cost)
+    assert sim.work_bound_s <= sim.memory_bound_s * (1 + 1e-9)
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+
+
+def test_memory_bound_charges_the_loads_of_a_model_that_fills_its_device():
+    """One 7 GB model (load 4 s) on one 10 GB device, beside a 4 GB model: nothing computes while the big one
+    loads, so the bound is at least its load + all generate seconds, above the work bound."""
+    cost = CostModel({"a": ModelCost(7 * GB, 1000, 1e-4, 1e-2, load_s=4.0),
+                      "b": ModelCost(4 * GB, 1000, 1e-4, 1e-2, load_s=0.5)},
+                     {"x": "a", "y": "b", "aggregator": "b"})
+    plan = compile(two_expert_graph(6), cost, CompilerConfig(), cluster=uniform_cluster(1, 1, 10 * GB))
+    sim = simulate(plan, cost)
+    assert sim.memory_bound_s >= sim.work_bound_s + 4.0 - 1e-6
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+    assert sim.lower_bound_s >= sim.memory_bound_s
 
 
 def test_roofline_bytes_bound_holds_on_a_cluster():
