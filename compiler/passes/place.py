@@ -246,7 +246,8 @@ def _exclusive_first(batches: tuple[Batch, ...], order: list[int], replicas: dic
                      inputs_of: list[tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], set[tuple[str, int]]]:
     """The best start for `_improve` by list-scheduled makespan: `replicas` (from `_replicate`) or one of a few
     placements that give models too big to share a device (a 70B replica) devices of their own, the largest
-    first, with as many replicas as `_replicate` gave them plus one for the `extra` busiest, pack the other
+    first, with as many replicas as `_replicate` gave them plus one for the `extra` busiest per replica
+    (0 to all of them), pack the other
     models onto the other devices (`_pack_within`, bisection, a load counted once per device rather than per
     replica: a device loads its next model while it computes), and let the model whose calls come last
     (the aggregator's) take the big devices over once they are done (late replicas: `_earliest_finish`),
@@ -267,7 +268,7 @@ def _exclusive_first(batches: tuple[Batch, ...], order: list[int], replicas: dic
     base = {m: len(replicas[m]) for m in big}
     by_share = sorted(big, key=lambda m: -demand[m] / base[m])
     zero = {m: 0.0 for m in demand}
-    for extra in sorted({0, len(big) // 4, len(big) // 2, len(big)}):
+    for extra in sorted({round(k * len(big) / 8) for k in range(9)}):  # at most 9 choices
         counts = {m: base[m] + (1 if m in by_share[:extra] else 0) for m in big}
         devices = sorted(range(n), key=lambda d: (-room[d], d))
         if sum(counts.values()) >= n or any(sizes[m] > room[devices[0]] for m in big):
