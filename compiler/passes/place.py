@@ -36,8 +36,8 @@ from compiler.passes.batch import Batch
 from compiler.passes.registry import Pass, register
 from compiler.passes.residency import footprints
 
-#: `_improve` list-schedules at most this many candidate placements (each O(calls x replicas)).
-MAX_EVALUATIONS = 150
+#: `_improve` list-schedules at most this many candidate placements per start (each O(calls x replicas)).
+MAX_EVALUATIONS = 100
 #: ... trying at most this many devices per model and kind of move in one round.
 TRIES_PER_MODEL = 3
 
@@ -163,11 +163,25 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
     models on the chain of calls that ends last, then those of the busiest replicas, try one more replica on the
     least-busy device with memory for it (or, when none has, on one where dropping spare replicas of other
     models makes room), and keep the first try that shortens the estimated makespan; stop when none does, after
-    at most MAX_EVALUATIONS list schedules (at most one try per device per model)."""
-    n = len(room)
+    at most MAX_EVALUATIONS list schedules (at most one try per device per model). Also tried: a late replica
+    (a device taken over once it is done, see `_earliest_finish`) on the devices done first. The search runs from
+    `replicas` and from `_exclusive_first`'s start when it differs, and the better end is kept (a greedy
+    search from a better start does not always end better)."""
     load_s = {m: cost.load_seconds(m) for m in replicas}
     inputs_of = _input_batches(graph, batches, done)
-    replicas, late = _exclusive_first(batches, order, replicas, sizes, room, load_s, inputs_of)
+    starts = [(replicas, set())]
+    alt, late = _exclusive_first(batches, order, replicas, sizes, room, load_s, inputs_of)
+    if late:
+        starts.append((alt, late))
+    ends = [_search(batches, order, r, lt, sizes, room, load_s, inputs_of) for r, lt in starts]
+    return min(ends, key=lambda e: e[2])
+
+
+def _search(batches: tuple[Batch, ...], order: list[int], replicas: dict[str, tuple[int, ...]],
+            late: set[tuple[str, int]], sizes: dict[str, int], room: list[float], load_s: dict[str, float],
+            inputs_of: list[tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], float, list[int]]:
+    """`_improve`'s greedy search from one start."""
+    n = len(room)
     free = list(room)
     for m, devs in replicas.items():
         for d in devs:
@@ -222,6 +236,7 @@ def _improve(graph: Graph, batches: tuple[Batch, ...], order: list[int], replica
                 t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(batches, order, trial, n, load_s,
                                                                                 inputs_of, t_late)
                 evaluations += 1
+                if __import__("os").environ.get("PLACE_DEBUG"): print("try", m, d, drop, moved, round(t_finish, 2), round(finish, 2))
                 if t_finish < finish * (1 - 1e-6):
                     replicas, batch_device, finish, ends, run_order, blame = (trial, t_device, t_finish, t_ends,
                                                                               t_order, t_blame)
@@ -467,7 +482,8 @@ def _earliest_finish(batches: tuple[Batch, ...], order: list[int], replicas: dic
 
     A *late* replica (m, d) in `late` takes device d over once the calls placed there so far are done: the
     first call it gets *switches* d (its load starts when d's last call ends: residency evicts what d held,
-    none of which is used there again), and from then on d runs only its late replicas. So a device whose
+    none of which is used there again), and from then on d runs only its late replicas. It is offered only
+    once every call of the models d held before comes earlier in `order`, so none is left for after. So a device whose
     big model is done early (a 70B replica) serves the calls that come last (the aggregator's)."""
     io_free = [0.0] * n_devices
     loaded: dict[tuple[str, int], float] = {}
@@ -494,7 +510,14 @@ def _earliest_finish(batches: tuple[Batch, ...], order: list[int], replicas: dic
     chosen = [0] * len(batches)
     last_end = [0.0] * n_devices  # the latest end of a call placed on each device
     switched = [False] * n_devices  # a late replica took the device over
-    for i in order:
+    # a device may switch only once every call of what it held before is placed (none comes after the switch)
+    last_pos = {batches[i].model: k for k, i in enumerate(order)}
+    blocked_until = [-1] * n_devices
+    for m, devs in replicas.items():
+        for d in devs:
+            if (m, d) not in late:
+                blocked_until[d] = max(blocked_until[d], last_pos.get(m, -1))
+    for pos, i in enumerate(order):
         b = batches[i]
         inputs, waited = 0.0, -1
         for j in inputs_of[i]:
@@ -506,6 +529,8 @@ def _earliest_finish(batches: tuple[Batch, ...], order: list[int], replicas: dic
                 is_late = (b.model, d) in late
                 if switched[d] and not is_late and not relax:
                     continue
+                if is_late and not switched[d] and pos <= blocked_until[d] and not relax:
+                    continue  # d still has calls of its own to run
                 if (b.model, d) in loaded:
                     ready = max(inputs, loaded[(b.model, d)])
                 elif is_late and not switched[d]:
