@@ -13,7 +13,10 @@ Policies (`compiler.placement`):
   seconds plus the longest chain of calls waiting for it: critical-path slack decides, not level) and each goes
   to the replica estimated to finish it first, in the earliest gap of that device after its inputs and its
   replica's load (list scheduling with insertion over the cost model). Finally replicas are added where the
-  estimated schedule ends late (`_improve`). Devices run their calls in estimated start order.
+  estimated schedule ends late (`_improve`). Devices run their calls in estimated start order. Models too big to
+  share a device with any other get devices of their own (`_exclusive_first`), which the model whose calls come
+  last (the aggregator's) takes over once they are done: *late replicas* (`_earliest_finish`); residency then
+  evicts the big model there and loads the late one, as the estimate assumed.
 - `one_per_expert`: one replica per model, largest demand first onto the least busy device with memory for it
   (LPT, no replication), every call on that replica.
 - `round_robin`: the naive baseline: models in first-use order on device 0, 1, 2, ... (the next device with
