@@ -239,7 +239,6 @@ def _search(batches: tuple[Batch, ...], order: list[int], replicas: dict[str, tu
                 t_device, t_finish, t_ends, t_order, t_blame = _earliest_finish(batches, order, trial, n, load_s,
                                                                                 inputs_of, t_late)
                 evaluations += 1
-                if __import__("os").environ.get("PLACE_DEBUG"): print("try", m, d, drop, moved, round(t_finish, 2), round(finish, 2))
                 if t_finish < finish * (1 - 1e-6):
                     replicas, batch_device, finish, ends, run_order, blame = (trial, t_device, t_finish, t_ends,
                                                                               t_order, t_blame)
