@@ -38,6 +38,10 @@ time >= its bytes / bandwidth, true of roofline costs at that bandwidth); `steps
 counts the generates where it is not. `work_bound_s` (total generate seconds one device must run) is a
 tighter bound on one shared GPU: the gap between it and the makespan is pure scheduling loss (compute
 idle while waiting for loads or data).
+
+On a cluster `memory_bound_s` (see `memory_bound`) tightens the work bound with what memory forces: every
+device idles until its first load ends, and a model too big to share a device with any other model leaves its
+device idle for the whole of each of its loads. It is in `lower_bound_s` for placed plans.
 """
 from __future__ import annotations
 
@@ -99,6 +103,7 @@ class SimResult:
     # On a cluster (a placed plan): seconds each device ("node/index") ran generates; devices in the bounds.
     device_busy_s: dict[str, float] = field(default_factory=dict)
     devices: int = 1
+    memory_bound_s: float = 0.0  # placed plans: work + the idle time memory forces, over devices (`memory_bound`)
     spans: list[TraceSpan] = field(default_factory=list, repr=False)  # in completion order
     memory_timeline: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (t, reserved bytes)
 
@@ -187,8 +192,9 @@ def simulate(plan: Plan, cost: CostModel, *, bandwidth_Bps: Optional[float] = No
     faster = sum(1 for i in gen_idx if costs.seconds[i] < costs.read_bytes[i] / bandwidth * (1 - 1e-9))
     makespan = run.now
     busy = dict(sorted(run.busy.items()))
+    memory = memory_bound(plan, cost, costs) if plan.devices else 0.0
     return SimResult(
-        makespan_s=makespan, lower_bound_s=max(critical, bytes_bound), critical_path_s=critical,
+        makespan_s=makespan, lower_bound_s=max(critical, bytes_bound, memory), critical_path_s=critical,
         bytes_read_bound_s=bytes_bound, bytes_read=bytes_read,
         kv_reread_bytes=sum(costs.reread_bytes[i] for i in gen_idx), bandwidth_Bps=bandwidth,
         work_bound_s=sum(costs.seconds[i] for i in gen_idx) / devices,
@@ -197,9 +203,92 @@ def simulate(plan: Plan, cost: CostModel, *, bandwidth_Bps: Optional[float] = No
         stream_utilisation={k: (v / makespan if makespan > 0 else 0.0) for k, v in busy.items()},
         compute_busy_s=run.compute_busy, peak_resident_bytes=run.peak_reserved, peak_used_bytes=run.peak_used,
         memory_budget=plan.memory_budget, steps_faster_than_bandwidth=faster, device_busy_s=device_busy,
-        devices=devices, spans=run.spans,
+        devices=devices, memory_bound_s=memory, spans=run.spans,
         memory_timeline=run.timeline,
     )
+
+
+def memory_bound(plan: Plan, cost: CostModel, costs: Optional[_Costs] = None) -> float:
+    """A lower bound on the makespan of any run of `plan`'s generates on its devices that the simulator accepts
+    (0 for an unplaced plan). It depends only on the generates' models and seconds, the devices' budgets and the
+    models' footprints and load seconds, not on where the plan put anything.
+
+    D devices with S compute streams each; W_m: seconds of all generates of model m, W = sum W_m; L_m: load
+    seconds of m; L_min: the smallest L_m over models with generates. Call m *exclusive* when it cannot be
+    resident beside any other model k with generates on any device: base + fp_m + fp_k + min(extra_m, extra_k)
+    exceeds the largest device budget (fp: the smallest bytes any of its load steps reserves; extra: its load
+    transient). The simulator checks that sum at the later of the two loads, so such a pair is never resident
+    together. Argument, for a run of makespan T:
+    1. A generate of m on device d needs m loaded there, and a load of m takes L_m >= L_min from t >= 0, so every
+       device that runs generates has all S streams idle for [0, L_min).
+    2. While exclusive m loads on d nothing else is resident on d, so no generate runs there: each load of an
+       exclusive m leaves S x L_m of d's stream time idle, and two of them never overlap (both would be
+       resident). A device with such a load already has its [0, first generate) idle counted only if it has
+       none, so the idle stream time is >= S x (sum of exclusive loads x L_m + L_min x (devices used - devices
+       with an exclusive load)) >= S x (sum_m r_m L_m + L_min x max(0, D_used - sum_m r_m)), r_m the loads of m.
+    3. Every generate of m on d runs after a completed load of m there (started >= 0) and before T, so one load
+       serves at most S x (T - L_m) seconds of m: r_m >= ceil(W_m / (S (T - L_m))) (and T > L_m).
+    4. Busy plus idle stream time fits in D_used x S x T: D_used S T >= W + idle. Raising D_used by one adds S T
+       on the left and at most S L_min < S T on the right, and fewer loads than (3) demands only lower the
+       right side (L_m >= L_min), so a run of makespan T needs
+           D S T >= W + S (sum_m r_m(T) L_m + L_min max(0, D - sum_m r_m(T))),  r_m(T) from (3).
+    The right side never grows with T and the left does: bisection finds the boundary, and the largest T found
+    to violate it is returned (strictly below any makespan a run can reach)."""
+    costs = step_costs(plan, cost) if costs is None else costs
+    devices, streams = len(plan.devices), max(1, plan.streams)
+    if not devices:
+        return 0.0
+    work: dict[str, float] = {}
+    reserved: dict[str, int] = {}
+    for i, s in enumerate(plan.steps):
+        if s.kind is StepKind.GENERATE:
+            if s.where not in plan.devices:
+                return 0.0  # a generate off the devices (not a placement this bound describes)
+            work[s.model] = work.get(s.model, 0.0) + costs.seconds[i]
+        elif s.kind is StepKind.LOAD:
+            b = s.bytes or plan.footprints.get(s.model, 0)
+            reserved[s.model] = min(reserved.get(s.model, b), b)
+    if not work:
+        return 0.0
+    total = sum(work.values())
+    load = {m: cost.load_seconds(m) for m in work}
+    fp = {m: reserved.get(m, plan.footprints.get(m, 0)) for m in work}
+    extra = {m: plan.load_extra.get(m, 0) for m in work}
+    budgets = [b if plan.memory_budget is None else (plan.memory_budget if b is None else min(b, plan.memory_budget))
+               for b in plan.devices.values()]
+    exclusive: list[str] = []
+    if all(b is not None for b in budgets) and len(work) > 1:
+        largest = max(budgets)
+        exclusive = [m for m in work if all(plan.base_bytes + fp[m] + fp[k] + min(extra[m], extra[k]) > largest
+                                            for k in work if k != m)]
+    l_min = min(load.values())
+
+    def feasible(t: float) -> bool:
+        loads = idle = 0.0
+        for m in exclusive:
+            if t <= load[m]:
+                return False
+            r = max(1, math.ceil(work[m] / (streams * (t - load[m])) - 1e-12))
+            loads += r
+            idle += r * load[m]
+        idle += l_min * max(0.0, devices - loads)
+        return devices * streams * t >= total + streams * idle
+
+    lo = total / (devices * streams)  # the work bound: never feasible below it (idle >= 0)
+    if feasible(lo):
+        return lo
+    hi = 2 * lo + max(load.values()) + 1.0
+    while not feasible(hi):
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return lo
 
 
 def _check_order(steps: list[Step]) -> dict[str, int]:

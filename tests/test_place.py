@@ -199,11 +199,50 @@ def test_simulated_bounds_never_exceed_the_makespan(seed, nodes, devices, policy
     sim = simulate(plan, cost)
     assert sim.critical_path_s <= sim.makespan_s * (1 + 1e-9)
     assert sim.work_bound_s <= sim.makespan_s * (1 + 1e-9)  # one generate at a time per device
+    assert sim.work_bound_s <= sim.memory_bound_s * (1 + 1e-9)  # loads idle devices
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+    assert sim.lower_bound_s <= sim.makespan_s * (1 + 1e-9)
     assert sim.devices == nodes * devices
     for where, busy in sim.device_busy_s.items():
         assert busy <= sim.makespan_s * (1 + 1e-9)
     if memory is not None:
         assert sim.peak_resident_bytes <= memory
+
+
+@CLUSTER_PROPERTY
+@given(seed=st.integers(0, 10**6), nodes=st.integers(1, 3), devices=st.integers(1, 3),
+       policy=st.sampled_from(POLICIES), big=st.integers(1, 3), load_s=st.floats(0.0, 5.0))
+def test_memory_bound_never_exceeds_the_makespan_with_models_that_fill_a_device(seed, nodes, devices, policy, big,
+                                                                                load_s):
+    """Models of 7 GB on 10 GB devices share a device with nothing (exclusive), beside 1 GB models: the bound
+    charges their loads as idle device time; it must stay at or below every simulated makespan."""
+    rng = random.Random(seed)
+    models = {f"big{i}": ModelCost(7 * GB, 1000, rng.uniform(1e-4, 1e-3), rng.uniform(1e-3, 3e-2),
+                                   load_s=load_s * rng.uniform(0.5, 1.5)) for i in range(big)}
+    models |= {f"small{i}": ModelCost(GB, 1000, 1e-4, rng.uniform(1e-3, 1e-2), load_s=rng.uniform(0.0, 1.0))
+               for i in range(2)}
+    names = list(models)
+    experts = [f"e{i}" for i in range(5)]
+    cost = CostModel(models, {**{e: rng.choice(names) for e in experts}, "aggregator": rng.choice(names)})
+    graph = random_graph(rng, experts, n_queries=rng.randint(1, 16))
+    plan = compile(graph, cost, CompilerConfig(placement=policy, max_batch_size=rng.choice([1, 4])),
+                   cluster=uniform_cluster(nodes, devices, 10 * GB))
+    sim = simulate(plan, cost)
+    assert sim.work_bound_s <= sim.memory_bound_s * (1 + 1e-9)
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+
+
+def test_memory_bound_charges_the_loads_of_a_model_that_fills_its_device():
+    """One 7 GB model (load 4 s) on one 10 GB device, beside a 4 GB model: nothing computes while the big one
+    loads, so the bound is at least its load + all generate seconds, above the work bound."""
+    cost = CostModel({"a": ModelCost(7 * GB, 1000, 1e-4, 1e-2, load_s=4.0),
+                      "b": ModelCost(4 * GB, 1000, 1e-4, 1e-2, load_s=0.5)},
+                     {"x": "a", "y": "b", "aggregator": "b"})
+    plan = compile(two_expert_graph(6), cost, CompilerConfig(), cluster=uniform_cluster(1, 1, 10 * GB))
+    sim = simulate(plan, cost)
+    assert sim.memory_bound_s >= sim.work_bound_s + 4.0 - 1e-6
+    assert sim.memory_bound_s <= sim.makespan_s * (1 + 1e-9)
+    assert sim.lower_bound_s >= sim.memory_bound_s
 
 
 def test_roofline_bytes_bound_holds_on_a_cluster():
@@ -291,3 +330,47 @@ def test_bench_cluster_sim_runs_small_and_reports_the_summary_keys():
     assert summary["sim_place_vs_round_robin"] >= 1.0 and summary["sim_place_gap"] >= 0.0
     for row in result["rows"]:
         assert row["lower_bound_s"] <= row["makespan_s"] * (1 + 1e-9)
+
+
+# --- late replicas: a device whose big model is done serves the last calls --------------------------------------
+
+def test_a_late_replica_takes_its_device_over_only_after_the_device_s_own_calls():
+    """Device 0 holds `big` (its only other replica is on device 1) and a late replica of `agg`; the aggregator's
+    call may run there only once every `big` call is placed, its load starting when device 0's last call ends."""
+    from compiler.passes.batch import Batch
+    from compiler.passes.place import _earliest_finish
+
+    batches = (Batch(0, "big", 0, ("a",), 0, 5.0), Batch(1, "big", 0, ("b",), 0, 5.0),
+               Batch(2, "agg", 1, ("c",), 0, 1.0), Batch(3, "big", 1, ("d",), 0, 5.0))
+    inputs_of = [(), (), (0,), (1,)]
+    load_s = {"big": 2.0, "agg": 0.5}
+    device, finish, ends, run_order, _ = _earliest_finish(
+        batches, [0, 1, 3, 2], {"big": (0, 1), "agg": (0,)}, 2, load_s, inputs_of, frozenset({("agg", 0)}))
+    on_0 = [i for i in run_order if device[i] == 0]
+    assert device[2] == 0 and all(batches[i].model == "big" for i in on_0[:-1]) and on_0[-1] == 2
+    big_end_0 = max(ends[i] for i in on_0[:-1])
+    assert ends[2] == pytest.approx(big_end_0 + 0.5 + 1.0)  # load after the device's last big call, then run
+    # while a `big` call is still to come in the order, the late replica is not offered: it would strand it
+    device, _, ends, _, _ = _earliest_finish(batches, [0, 1, 2, 3], {"big": (0,), "agg": (0, 1)}, 2, load_s,
+                                             inputs_of, frozenset({("agg", 0)}))
+    assert device[2] == 1 and device[3] == 0
+
+
+def test_demand_placement_with_models_that_fill_a_device_verifies_and_beats_round_robin():
+    """Big models (7 GB of 10 GB devices) beside small ones: `demand` (late replicas and all) gives a plan that
+    verifies, simulates within the devices' budgets, is no slower than round-robin, and stays above the bounds."""
+    rng = random.Random(5)
+    models = {f"big{i}": ModelCost(7 * GB, 1000, 1e-4, 2e-2, load_s=3.0) for i in range(2)}
+    models |= {f"small{i}": ModelCost(GB, 1000, 1e-4, 5e-3, load_s=0.3) for i in range(2)}
+    cost = CostModel(models, {"e0": "big0", "e1": "big1", "e2": "small0", "e3": "small1", "aggregator": "small0"})
+    graph = random_graph(rng, ["e0", "e1", "e2", "e3"], n_queries=40)
+    makespans = {}
+    for policy in ("demand", "round_robin"):
+        plan = compile(graph, cost, CompilerConfig(placement=policy, max_batch_size=4),
+                       cluster=uniform_cluster(2, 3, 10 * GB))
+        plan.verify(cost)
+        sim = simulate(plan, cost)
+        assert sim.peak_resident_bytes <= 10 * GB
+        assert sim.lower_bound_s <= sim.makespan_s * (1 + 1e-9)
+        makespans[policy] = sim.makespan_s
+    assert makespans["demand"] <= makespans["round_robin"] * (1 + 1e-9)
