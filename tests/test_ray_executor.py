@@ -193,3 +193,27 @@ def test_ray_actor_killed_without_restart_fails_the_step_and_skips_dependents(ra
     assert first.status == "failed" and ActorLostError.__name__ in first.error and "small@n0" in first.error
     assert second.status == "skipped" and second.error == "depends on q0:1, which failed"
     assert results["q0:agg"].status == "failed" and "no part was answered" in results["q0:agg"].error
+
+
+def test_ray_place_pass_on_the_discovered_cluster_keeps_two_models_apart_and_answers_as_locally(ray_cluster, smol):
+    """The whole path on the real cluster: its nodes discovered from Ray, a per-device budget that holds one model
+    but not both, the `place` pass putting `small` and `big` on different nodes, the Ray executor running that plan
+    with the local executor's answers."""
+    from compiler.cluster import ClusterSpec
+    from compllm.cluster import resolve_cluster
+
+    graph, plain = compound()
+    one = max(plain.footprints.values())
+    spec = resolve_cluster(ClusterSpec("ray", discover=True, device_memory=int(one * 1.5)))
+    assert sorted(n.name for n in spec.nodes) == ["n0", "n1"]
+    plan = compile(graph, cost(), CompilerConfig(streams=1), resident={}, cluster=spec)  # verifies per device
+    where = {s.model: s.node for s in plan.steps if s.kind is StepKind.LOAD}
+    assert set(where) == {"small", "big"} and where["small"] != where["big"]
+    assert all(s.node for s in plan.steps if s.kind is not StepKind.HOST)
+    local = PlanExecutor("compiled").run(plain, context(smol), graph)
+    ex = executor()
+    try:
+        remote = ex.run(plan, context(smol), graph)
+    finally:
+        ex.shutdown()
+    assert {k: (r.status, r.answer) for k, r in remote.items()} == {k: (r.status, r.answer) for k, r in local.items()}
