@@ -13,7 +13,7 @@ from typing import FrozenSet, List, Mapping, Optional
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
 
-DEFAULT_PASSES = ("dedupe", "fuse", "batch", "schedule", "residency")
+DEFAULT_PASSES = ("dedupe", "fuse", "retrieve", "batch", "schedule", "residency")
 
 
 class ResidencyPolicy(str, Enum):
