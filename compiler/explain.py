@@ -28,6 +28,10 @@ def explain_text(before: Graph, plan: Plan) -> str:
         f"  planned peak memory: {_gib(plan.peak_planned_bytes)} of budget {budget} (runtime base "
         f"{_gib(plan.base_bytes)})",
         f"  loads: {plan.loads}",
+        *([f"  knowledge lookups: {plan.count(StepKind.RETRIEVE)} retrieve steps for "
+           f"{sum(len(st.nodes) for st in plan.steps if st.kind is StepKind.RETRIEVE)} questions, "
+           f"{sum(st.est_s for st in plan.steps if st.kind is StepKind.RETRIEVE):.3f} s"]
+          if plan.count(StepKind.RETRIEVE) else []),
         "== memory profile (bytes held after each step; the most held while it runs)",
     ]
     out += [f"  {sid}: {_gib(after)} (up to {_gib(during)})" if during > after else f"  {sid}: {_gib(after)}"

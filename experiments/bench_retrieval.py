@@ -267,6 +267,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "bench_retrieval.json"))
     ap.add_argument("--compare-index-only", action="store_true")
     ap.add_argument("--no-compare", action="store_true")
+    ap.add_argument("--summarize-only", action="store_true", help="tables from the items already answered")
     args = ap.parse_args()
     items = [x for pair in zip(fanoutqa_items(args.n), strategyqa_items(args.n)) for x in pair]
     evidence = evidence_titles()
@@ -283,9 +284,9 @@ def main() -> None:
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     cfg = compose([f"model={args.model}", "experts=retrieval", "show_progress=false"])
     comparison = state.get("index_comparison")
-    if not args.no_compare and comparison is None or args.compare_index_only:
+    if (not args.no_compare and comparison is None and not args.summarize_only) or args.compare_index_only:
         comparison = compare_indexes(items, evidence, titles, cfg.router)
-    if not args.compare_index_only:
+    if not args.compare_index_only and not args.summarize_only:
         from compllm.apps.build import build_pipeline
 
         rag = build_pipeline(cfg)

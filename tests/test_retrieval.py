@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from compiler import CompilerConfig, compile
-from compiler.build import PASSAGES_LABEL, Retrieval, RoutedSubQuery, add_query
+from compiler.build import PASSAGES_LABEL, FinalAnswer, Retrieval, RoutedSubQuery, add_query
 from compiler.cost import SourceCost
 from compiler.errors import CompileError, MemoryBudgetError
 from compiler.ir import AGGREGATOR, Graph, NodeKind
@@ -213,3 +213,62 @@ def test_retrieval_team_composes(compose):
     assert cfg.experts.general.knowledge.corpus == "wiki" and not cfg.experts.general.knowledge.topics
     assert "Biology and health sciences" in cfg.experts.medicine.knowledge.topics
     assert compose().experts.general.knowledge is None  # the default team stays closed-book
+
+
+def test_explain_shows_lookups_and_their_cost(team):
+    from compiler.explain import explain_text
+    from compiler.render import to_dot
+
+    *_, cm, retrieval = team
+    graph = two_queries(retrieval)
+    plan = compile(graph, cm, CompilerConfig(dump=True))
+    text = explain_text(graph, plan)
+    assert "== IR after retrieve" in text and "lookup 0 level=0" in text
+    assert "retrieve:dir:" in text and "knowledge lookups: 2 retrieve steps for 3 questions, 0.023 s" in text
+    assert "q0:r1 -> " in to_dot(graph).replace('"', "")
+
+
+def test_online_increments_plan_lookups_as_parts_arrive(team):
+    from compiler.build import aggregate_node, subquery_nodes
+    from compiler.ir import Query
+    from compiler.online import OnlineCompiler
+
+    *_, cm, retrieval = team
+    parts = [RoutedSubQuery(1, "Who wrote Romeo and Juliet?", (), "general", max_new_tokens=8),
+             RoutedSubQuery(2, "Where was #1 born?", (1,), "general", max_new_tokens=8)]
+    oc = OnlineCompiler(cm, CompilerConfig())
+    oc.add(subquery_nodes("q0", parts[0], retrieval))
+    first = oc.compile()
+    assert [s.kind for s in first if s.kind is StepKind.RETRIEVE] == [StepKind.RETRIEVE]
+    oc.add(subquery_nodes("q0", parts[1], retrieval))
+    second = oc.compile()
+    lookup = next(s for s in second if s.kind is StepKind.RETRIEVE)
+    assert lookup.nodes == ("q0:r2",) and oc.plan.step_of_node()["q0:1"] in lookup.deps
+    sink = aggregate_node("q0", "Who wrote it and where was he born?", parts, AGGREGATOR, 16, FinalAnswer.join)
+    oc.add([sink], [Query("q0", "q", sink.id)])
+    oc.compile()
+    oc.plan.verify(cm)
+
+
+@pytest.mark.model
+def test_real_pipe_reads_knowledge_before_answering(compose, tmp_path, model_cache, corpus_dir):
+    """SmolLM2 (llama.cpp) through the app: `experts=retrieval`, with `general` pointed at a user's own directory by
+    one override (config only); every part is looked up, quoted, and the lookups are traced."""
+    pytest.importorskip("llama_cpp")
+    from compllm.apps.main import run_task
+
+    query = "Who wrote Romeo and Juliet? And which vitamin deficiency causes scurvy?"
+    cfg = compose("model=smollm2-135m-llamacpp", "experts=retrieval", f"experts.general.knowledge.corpus={corpus_dir}",
+                  f"query={query}", f"cache_dir={model_cache}", "show_progress=false")
+    payload = run_task(cfg, tmp_path)
+    (q,) = payload["queries"]
+    nodes = {n["node_id"]: n for n in q["nodes"]}
+    lookups = [n for n in nodes.values() if n["kind"] == "retrieve"]
+    subs = [n for n in nodes.values() if n["kind"] == "subquery"]
+    assert lookups and len(lookups) == len(subs) and all(n["status"] == "ok" for n in nodes.values())
+    for sub in subs:
+        passages = json.loads(nodes[sub["node_id"].replace(":", ":r", 1)]["answer"])
+        if passages:
+            assert sub["prompt"].startswith("Passages from the knowledge source") and passages[0]["title"] in sub["prompt"]
+    assert "load_knowledge" in payload["timings"] and q["final_answer"].strip()
+    assert any(s["kind"] == "retrieve" for s in payload["plan"]["steps"])
