@@ -268,6 +268,8 @@ def main() -> None:
     ap.add_argument("--compare-index-only", action="store_true")
     ap.add_argument("--no-compare", action="store_true")
     ap.add_argument("--summarize-only", action="store_true", help="tables from the items already answered")
+    ap.add_argument("--comparison-from", help="take index_comparison from this results file (a --compare-index-only "
+                    "run with another --out, run beside the model runs)")
     args = ap.parse_args()
     items = [x for pair in zip(fanoutqa_items(args.n), strategyqa_items(args.n)) for x in pair]
     evidence = evidence_titles()
@@ -282,8 +284,12 @@ def main() -> None:
     meta = {"command": "PYTHONPATH=$PWD .venv/bin/python experiments/bench_retrieval.py " + shlex.join(sys.argv[1:]),
             "model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.summarize_only and state.get("meta"):
+        meta = {**state["meta"], "summarized_by": meta["command"]}
     cfg = compose([f"model={args.model}", "experts=retrieval", "show_progress=false"])
     comparison = state.get("index_comparison")
+    if args.comparison_from:
+        comparison = json.loads(Path(args.comparison_from).read_text())["index_comparison"]
     if (not args.no_compare and comparison is None and not args.summarize_only) or args.compare_index_only:
         comparison = compare_indexes(items, evidence, titles, cfg.router)
     if not args.compare_index_only and not args.summarize_only:
