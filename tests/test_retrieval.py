@@ -272,3 +272,12 @@ def test_real_pipe_reads_knowledge_before_answering(compose, tmp_path, model_cac
             assert sub["prompt"].startswith("Passages from the knowledge source") and passages[0]["title"] in sub["prompt"]
     assert "load_knowledge" in payload["timings"] and q["final_answer"].strip()
     assert any(s["kind"] == "retrieve" for s in payload["plan"]["steps"])
+
+
+def test_knowledge_config_problems_fail_before_any_model_loads(compose, tmp_path):
+    from compllm.config.checks import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="not wiki topics"):
+        check_config(compose("experts=retrieval", "experts.medicine.knowledge.topics=[Medicine]"))
+    with pytest.raises(ConfigError, match="neither `wiki` nor a directory"):
+        check_config(compose("experts=retrieval", f"experts.general.knowledge.corpus={tmp_path}/missing"))
