@@ -30,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from compiler.config import PassContext
-from compiler.ir import Graph
-from compiler.passes.batch import check_batches
 from compiler.errors import CompileError
-from compiler.ir import NodeKind
+from compiler.ir import Graph, NodeKind
+from compiler.passes.batch import check_batches
 from compiler.passes.residency import Op
 from compiler.passes.retrieve import check_lookups
 from compiler.plan import Plan, Step, StepKind

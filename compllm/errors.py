@@ -6,8 +6,8 @@ from compiler.verify import GraphError
 from compllm.backends.base import BackendError
 from compllm.bench.store import ResultsMismatchError
 from compllm.config.checks import ConfigError
-from compllm.knowledge.corpus import KnowledgeError
 from compllm.frontend.router import RouterError
+from compllm.knowledge.corpus import KnowledgeError
 from compllm.models.errors import ModelSourceError
 
 KNOWN_ERRORS: tuple[type[Exception], ...] = (
