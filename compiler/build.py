@@ -1,5 +1,9 @@
 """Lift routed sub-queries into the IR: one sub-query node each, one aggregate sink per query.
 
+An expert with a knowledge source also gets a `retrieve` node per sub-query: the same question (parents'
+answers filled in when it runs) looked up in the source, whose passages the sub-query node reads (input
+`PASSAGES_LABEL`). The compiler then schedules lookups like any other work (batched, costed, traced).
+
 This is where input enters the compiler, so it checks everything before touching the graph: an input
 that cannot form a valid query (too many sub-queries, an over-long text, a reference to a sub-query that
 does not exist or to itself, a cycle, a duplicate id) raises a specific `BuildError` and leaves the graph
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Mapping
 from graphlib import CycleError as _GraphlibCycle
 from graphlib import TopologicalSorter
 
@@ -53,6 +58,23 @@ class RoutedSubQuery:
     max_new_tokens: int | None = None  # None: unknown (the cost model's default output length)
 
 
+#: The input label under which a sub-query node reads its retrieve node's passages.
+PASSAGES_LABEL = "passages"
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """An expert's knowledge source as the compiler sees it: which index, how many passages, how long each."""
+
+    source: str
+    k: int = 2
+    max_chars: int = 500
+
+    @property
+    def est_tokens(self) -> int:
+        return self.k * (self.max_chars // CHARS_PER_TOKEN + 8)  # + title and quoting
+
+
 def node_id(query_id: str, index: int | str) -> str:
     return f"{query_id}:{index}"
 
@@ -66,6 +88,7 @@ def add_query(
     aggregator_max_new_tokens: int | None = None,
     limits: BuildLimits = BuildLimits(),
     final: FinalAnswer = FinalAnswer.join,
+    knowledge: Mapping[str, Retrieval] | None = None,
 ) -> Query:
     """Append one query's nodes to `graph`; `#k` in a sub-query becomes the reference `{#k}`.
 
@@ -78,7 +101,8 @@ def add_query(
     subqueries = list(subqueries)
     _check(graph, query_id, text, subqueries, limits)
     for sq in subqueries:
-        graph.add(subquery_node(query_id, sq))
+        for node in subquery_nodes(query_id, sq, knowledge):
+            graph.add(node)
     sink = graph.add(aggregate_node(query_id, text, subqueries, aggregator_expert, aggregator_max_new_tokens, final))
     query = Query(query_id, text, sink.id)
     graph.add_query(query)
@@ -103,6 +127,26 @@ def subquery_node(query_id: str, sq: RoutedSubQuery) -> Node:
         est_output_tokens=1 if answer_type is AnswerType.CHOICE else sq.max_new_tokens,
         provenance=Provenance(query_id, sq.index, sq.route_score, sq.routed_by),
     )
+
+
+def subquery_nodes(query_id: str, sq: RoutedSubQuery, knowledge: Mapping[str, Retrieval] | None = None) -> list[Node]:
+    """The sub-query's node, preceded by its retrieve node when its expert has a knowledge source."""
+    node = subquery_node(query_id, sq)
+    retrieval = (knowledge or {}).get(sq.expert)
+    if retrieval is None:
+        return [node]
+    lookup = Node(
+        id=node_id(query_id, f"r{sq.index}"),
+        kind=NodeKind.RETRIEVE,
+        template=node.template,  # the same question; parents' answers are filled in before the lookup
+        expert=sq.expert,
+        inputs=dict(node.inputs),
+        answer_type=AnswerType.PASSAGES,
+        est_prompt_tokens=0,
+        est_output_tokens=retrieval.est_tokens,
+        provenance=Provenance(query_id, sq.index, sq.route_score, "knowledge"),
+    )
+    return [lookup, node.with_(inputs={**node.inputs, PASSAGES_LABEL: lookup.id})]
 
 
 def aggregate_node(query_id: str, text: str, subqueries: list[RoutedSubQuery], aggregator_expert: str,

@@ -14,7 +14,7 @@ from compiler.cluster import ClusterSpec, PlacementPolicy
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
 
-DEFAULT_PASSES = ("dedupe", "fuse", "batch", "prefix", "schedule", "place", "residency")
+DEFAULT_PASSES = ("dedupe", "fuse", "retrieve", "batch", "prefix", "schedule", "place", "residency")
 
 
 class ResidencyPolicy(str, Enum):

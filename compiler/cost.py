@@ -8,11 +8,11 @@ model's weights in their compute dtype, a load's transient, and each running cal
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 from compiler.errors import ConfigError
-from compiler.ir import Graph, Node
+from compiler.ir import Graph, Node, NodeKind
 from compiler.verify import UnknownExpertError
 
 CALIBRATION_VERSION = 1
@@ -134,6 +134,19 @@ class Engine:
         return ", ".join(bits)
 
 
+@dataclass(frozen=True)
+class SourceCost:
+    """Cost of one knowledge source (a retrieve node's index), measured when the process loads it."""
+
+    bytes: int = 0  # the loaded index; held for the whole run, so `CostModel.with_sources` adds it to the base
+    query_s: float = 0.0  # seconds per query in a batched lookup
+    call_s: float = 0.0  # fixed seconds per lookup call
+
+    def __post_init__(self) -> None:
+        if min(self.bytes, self.query_s, self.call_s) < 0:
+            raise ConfigError(f"SourceCost fields must be non-negative, got {self}")
+
+
 @dataclass
 class CostModel:
     """Per-alias costs plus the expert -> alias mapping (aggregate nodes use expert "aggregator")."""
@@ -151,6 +164,9 @@ class CostModel:
     # Expert -> prompt tokens every call of it starts with (chat template head + its system prompt): the prefix
     # its rows share, which an engine with a prefix cache computes once (`prefill_saved`).
     prefix_tokens: dict[str, int] = field(default_factory=dict)
+    # Knowledge sources (retrieve nodes): measured per process, never part of the calibration file.
+    sources: dict[str, SourceCost] = field(default_factory=dict)
+    expert_source: dict[str, str] = field(default_factory=dict)  # expert -> the source its retrieve nodes read
 
     def __post_init__(self) -> None:
         for expert, alias in self.expert_model.items():
@@ -198,6 +214,24 @@ class CostModel:
                 saved += tokens if key in seen else 0
                 seen.add(key)
         return saved
+    def source_of(self, node: Node) -> str:
+        """The knowledge source a retrieve node reads (its expert's)."""
+        source = self.expert_source.get(node.expert)
+        if source is None or source not in self.sources:
+            raise ConfigError(f"retrieve node {node.id!r}: expert {node.expert!r} has no costed knowledge source; "
+                              f"known: {dict(self.expert_source)}")
+        return source
+
+    def retrieve_seconds(self, source: str, queries: int) -> float:
+        """Seconds of one batched lookup of `queries` questions."""
+        sc = self.sources[source]
+        return sc.call_s + queries * sc.query_s
+
+    def with_sources(self, sources: Mapping[str, SourceCost], expert_source: Mapping[str, str]) -> "CostModel":
+        """A copy that costs retrieve nodes; the indexes stay loaded for the whole run, so they join the base."""
+        added = sum(sc.bytes for name, sc in sources.items() if name not in self.sources)
+        return replace(self, sources={**self.sources, **sources}, expert_source={**self.expert_source, **expert_source},
+                       base_bytes=self.base_bytes + added)
 
     def cost(self, alias: str) -> ModelCost:
         try:
@@ -210,6 +244,8 @@ class CostModel:
         """Tokens the node's call writes: 0 for a host node, the default when the estimate is unknown."""
         if node.host is not None:
             return 0
+        if node.kind is NodeKind.RETRIEVE:  # its passages are pasted into the reader's prompt
+            return node.est_output_tokens or 0
         return self.default_output_tokens if node.est_output_tokens is None else node.est_output_tokens
 
     def node_tokens(self, node: Node, graph: Graph | None = None) -> tuple[int, int]:

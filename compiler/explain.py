@@ -33,6 +33,10 @@ def explain_text(before: Graph, plan: Plan) -> str:
         f"  prefill saved by prefix caches: {plan.prefill_saved} prompt tokens"
         + "".join(f"; {s.id} {s.prefill_saved}" for s in plan.steps if s.prefill_saved),
         "  engines: " + (", ".join(f"{m}={e}" for m, e in plan.engines.items()) or "hf (in process, no prefix cache)"),
+        *([f"  knowledge lookups: {plan.count(StepKind.RETRIEVE)} retrieve steps for "
+           f"{sum(len(st.nodes) for st in plan.steps if st.kind is StepKind.RETRIEVE)} questions, "
+           f"{sum(st.est_s for st in plan.steps if st.kind is StepKind.RETRIEVE):.3f} s"]
+          if plan.count(StepKind.RETRIEVE) else []),
         "== memory profile (bytes held after each step; the most held while it runs)",
     ]
     out += [f"  {sid}: {_gib(after)} (up to {_gib(during)})" if during > after else f"  {sid}: {_gib(after)}"

@@ -82,8 +82,9 @@ class Node:
 
     @property
     def needs_model(self) -> bool:
-        """Whether a model call answers this node (host nodes and fused-chain parts need none of their own)."""
-        return self.host is None and self.part_of is None
+        """Whether a model call answers this node (host nodes, retrieve nodes and fused-chain parts need none of
+        their own)."""
+        return self.host is None and self.part_of is None and self.kind is not NodeKind.RETRIEVE
 
     @cached_property  # computed once per (immutable) node: passes and the verifier ask for it a lot
     def parents(self) -> tuple[str, ...]:

@@ -11,6 +11,8 @@ Dependencies (each a one-line reason):
   from the start), and the steps answering its nodes' parents (data); online, a call of a model whose
   reservation grew in this increment also waits for the last eviction issued before it;
 - host -> the steps answering its nodes' parents (data); it is emitted right after the last of them;
+- retrieve (a `retrieve` pass lookup) -> the steps answering its nodes' parents (data), emitted like a host step
+  as soon as the last of them is, on the host stream; its nodes' readers depend on it like on any parent;
 - evict -> that residency's load and every generate run during it (never pull weights from under a
   batch), and the previous evict (evictions happen in planned order);
 - load -> the latest evict before it in planned order.
@@ -32,9 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from compiler.config import PassContext
-from compiler.ir import Graph
+from compiler.errors import CompileError
+from compiler.ir import Graph, NodeKind
 from compiler.passes.batch import check_batches
 from compiler.passes.residency import Op
+from compiler.passes.retrieve import check_lookups
 from compiler.plan import Plan, Step, StepKind
 
 Key = tuple[str, int]  # (model, device position; -1 = this process)
@@ -77,18 +81,29 @@ class Lowering:
             self.runs_of.setdefault((model, -1), [])
             self.reserved[model] = residency.footprints[model]
 
-        # host nodes are emitted as soon as every parent is answered: count what each still waits for
+        lookups = graph.annotations.get("retrievals")
+        if lookups is None and any(n.kind is NodeKind.RETRIEVE and n.id not in ctx.done for n in graph):
+            raise CompileError("the graph has retrieve nodes but no pass grouped them into lookups: add `retrieve` "
+                               "to compiler.passes (before batch)")
+        lookups = lookups or ()
+        check_lookups(graph, lookups, ctx.done)
+        # host nodes and lookups are emitted as soon as every parent is answered: count what each still waits for
+        # (a unit is a host node's id, or "@k" for lookup k)
+        members = {nid: (node.parents,) for nid, node in graph.nodes.items()
+                   if node.host is not None and nid not in self.step_of_node}
+        lookup_of = {f"@{lk.index}": lk for lk in lookups}
+        members.update({unit: tuple(graph.nodes[n].parents for n in lk.nodes) for unit, lk in lookup_of.items()})
         missing: dict[str, int] = {}
         waiting_on: dict[str, list[str]] = {}
         ready: list[str] = []
-        for node in graph.nodes.values():
-            if node.host is not None and node.id not in self.step_of_node:
-                open_parents = [p for p in node.parents if p not in self.step_of_node]
-                missing[node.id] = len(open_parents)
-                for parent in open_parents:
-                    waiting_on.setdefault(parent, []).append(node.id)
-                if not open_parents:
-                    ready.append(node.id)
+        for unit, parent_lists in members.items():
+            open_parents = list(dict.fromkeys(p for parents in parent_lists for p in parents
+                                              if p not in self.step_of_node))
+            missing[unit] = len(open_parents)
+            for parent in open_parents:
+                waiting_on.setdefault(parent, []).append(unit)
+            if not open_parents:
+                ready.append(unit)
 
         def answered(nids: list[str], sid: str) -> None:
             """Record who answers `nids`; a host node whose last parent this was follows right behind."""
@@ -101,11 +116,18 @@ class Lowering:
                         now_ready.append(host)
             emit_hosts(now_ready)
 
-        def emit_hosts(hosts: list[str]) -> None:
-            for host in hosts:
-                deps = tuple(dict.fromkeys(self.step_of_node[p] for p in graph.nodes[host].parents))
-                steps.append(Step(f"host:{host}", StepKind.HOST, "", (host,), deps, host_stream))
-                answered([host], f"host:{host}")
+        def emit_hosts(units: list[str]) -> None:
+            for unit in units:
+                if unit in lookup_of:
+                    lk = lookup_of[unit]
+                    sid = self._new_id("retrieve", lk.source)
+                    deps = tuple(dict.fromkeys(self.step_of_node[p] for n in lk.nodes for p in graph.nodes[n].parents))
+                    steps.append(Step(sid, StepKind.RETRIEVE, "", lk.nodes, deps, host_stream, lk.est_s))
+                    answered(list(lk.nodes), sid)
+                    continue
+                deps = tuple(dict.fromkeys(self.step_of_node[p] for p in graph.nodes[unit].parents))
+                steps.append(Step(f"host:{unit}", StepKind.HOST, "", (unit,), deps, host_stream))
+                answered([unit], f"host:{unit}")
 
         emit_hosts(ready)  # nothing (more) to wait for
         for event in residency.events:
@@ -135,6 +157,9 @@ class Lowering:
                     deps[evicted_before] = None
                 for nid in b.nodes:
                     for parent in graph.nodes[nid].parents:
+                        if parent not in self.step_of_node:
+                            raise CompileError(f"{sid}: node {nid!r} reads {parent!r}, which no earlier step answers "
+                                               "(the schedule runs a reader before its lookup)")
                         deps[self.step_of_node[parent]] = None
                 if key not in self.stream_of:  # round robin over the device's compute streams, by first use
                     used = self.streams_used.get(dev, 0)

@@ -31,6 +31,10 @@ class StepKind(str, Enum):
     RETRIEVE = "retrieve"  # run its retrieve nodes against their knowledge source, no model
 
 
+#: Step kinds that answer nodes (the others move weights).
+ANSWERING = (StepKind.GENERATE, StepKind.HOST, StepKind.RETRIEVE)
+
+
 @dataclass(frozen=True)
 class Step:
     id: str  # stable, readable: "load:m#0", "gen:m#3", "evict:m#0", "host:q0:agg"
@@ -98,7 +102,7 @@ class Plan:
     # --- queries ----------------------------------------------------------------------------------
     def step_of_node(self) -> dict[str, str]:
         """Node id -> the step that answers it (part nodes: their fused node's step)."""
-        out = {nid: s.id for s in self.steps if s.kind in (StepKind.GENERATE, StepKind.HOST) for nid in s.nodes}
+        out = {nid: s.id for s in self.steps if s.kind in ANSWERING for nid in s.nodes}
         if self.graph is not None:
             for node in self.graph:
                 if node.part_of is not None:

@@ -1,7 +1,7 @@
 """`Plan.verify()`: the plan keeps the executor contract, whatever order an eager executor picks.
 
 Checked: step ids unique and plan order topological; every node of the compiled graph answered exactly once
-(model nodes by one generate step, host nodes by one host step, fused-chain parts by their fused node's call),
+(model nodes by one generate step, host nodes by one host step, retrieve nodes by one retrieve step, fused-chain parts by their fused node's call),
 on its own model when a cost model is given; each answering step depends directly on the steps answering its
 nodes' parents; one model's generates share a compute stream, loads/evicts use the io stream, host steps the
 host stream; and memory: replayed in plan order and in random linear extensions of the step DAG (orders an
@@ -15,7 +15,8 @@ import random
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from compiler.plan import Step, StepKind
+from compiler.ir import NodeKind
+from compiler.plan import ANSWERING, Step, StepKind
 
 if TYPE_CHECKING:
     from compiler.plan import Plan
@@ -51,7 +52,7 @@ def _check_coverage(plan: "Plan", cost: Any) -> None:
     graph = plan.graph
     if graph is None:
         return
-    answered = Counter(n for s in plan.steps if s.kind in (StepKind.GENERATE, StepKind.HOST) for n in s.nodes)
+    answered = Counter(n for s in plan.steps if s.kind in ANSWERING for n in s.nodes)
     twice = [n for n, c in answered.items() if c > 1]
     if twice:
         raise PlanError(f"node(s) answered by more than one step: {twice[:3]}")
@@ -66,7 +67,8 @@ def _check_coverage(plan: "Plan", cost: Any) -> None:
         if sid is None:
             raise PlanError(f"node {node.id!r} is answered by no step")
         step = by_id[sid]
-        want = StepKind.HOST if node.host is not None else StepKind.GENERATE
+        want = StepKind.HOST if node.host is not None else \
+            StepKind.RETRIEVE if node.kind is NodeKind.RETRIEVE else StepKind.GENERATE
         if step.kind is not want:
             raise PlanError(f"node {node.id!r} needs a {want.value} step, but {sid!r} is a {step.kind.value} step")
         if cost is not None and want is StepKind.GENERATE and cost.model_of(node) != step.model:
@@ -93,8 +95,8 @@ def _check_streams(plan: "Plan") -> None:
             if stream_of.setdefault((s.model, s.where), s.stream) != s.stream or not 0 <= s.stream < plan.streams:
                 raise PlanError(f"{s.id!r}: generates of {s.model!r}{where} must share one compute stream in "
                                 f"0..{plan.streams - 1}")
-        elif s.kind is StepKind.HOST and s.stream != plan.host_stream:
-            raise PlanError(f"{s.id!r}: host steps run on stream {plan.host_stream}, not {s.stream}")
+        elif s.kind in (StepKind.HOST, StepKind.RETRIEVE) and s.stream != plan.host_stream:
+            raise PlanError(f"{s.id!r}: {s.kind.value} steps run on stream {plan.host_stream}, not {s.stream}")
         elif s.kind in (StepKind.LOAD, StepKind.EVICT) and s.stream != plan.io_stream:
             raise PlanError(f"{s.id!r}: loads and evictions run on stream {plan.io_stream}, not {s.stream}")
 

@@ -152,6 +152,8 @@ def _step_cost(s: Step, plan: Plan, cost: CostModel) -> tuple[float, int, int, i
         return cost.load_seconds(s.model), 0, 0, 0
     if s.kind in (StepKind.EVICT, StepKind.HOST):
         return 0.0, 0, 0, 0
+    if s.kind is StepKind.RETRIEVE:  # a knowledge lookup on the host: the cost model's estimate, no model bytes
+        return s.est_s, 0, 0, 0
     graph = plan.graph
     if graph is None:  # tokens unknown: trust the plan's estimate; only the batch KV counts as bytes
         return s.est_s, s.bytes, s.bytes, 0

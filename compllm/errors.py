@@ -7,8 +7,10 @@ from compllm.backends.base import BackendError
 from compllm.bench.store import ResultsMismatchError
 from compllm.config.checks import ConfigError
 from compllm.frontend.router import RouterError
+from compllm.knowledge.corpus import KnowledgeError
 from compllm.models.errors import ModelSourceError
 
 KNOWN_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, ModelSourceError, BackendError, GraphError, RouterError, CompileError, ResultsMismatchError,
+    KnowledgeError,
 )

@@ -10,6 +10,7 @@ from typing import Any, List, Mapping, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from compllm.knowledge.config import KnowledgeConfig
 from compllm.runtime.faults import RetryPolicy
 
 
@@ -23,6 +24,8 @@ class Expert:
     max_new_tokens: int = 96
     stop: List[str] = field(default_factory=list)
     retry: Optional[RetryPolicy] = None  # None: the run's `retry` policy
+    # What it reads before answering: each of its sub-queries gets a retrieve node (compiler.build); None: closed-book
+    knowledge: Optional[KnowledgeConfig] = None
 
     def routing_texts(self) -> list[str]:
         return [self.description, *self.exemplars]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from compiler.build import (BuildLimits, RoutedSubQuery, aggregate_node, check_subquery, node_id,
-                            subquery_node)
+                            subquery_nodes)
 from compiler.ir import AGGREGATOR, Graph, Query
 from compiler.online import OnlineCompiler
 from compllm.frontend.decomposer import Decomposition
@@ -190,7 +190,7 @@ class OnlinePipe:
             rsq = self._routed(sq, route)
             check_subquery(qid, rsq, set(q.parts), self._limits)
             q.parts[sq.index] = (sq, route)
-            nodes.append(subquery_node(qid, rsq))
+            nodes.extend(subquery_nodes(qid, rsq, self.p.retrievals()))
         with self._lock:
             for node in nodes:
                 self.original.add(node)

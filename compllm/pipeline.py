@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 from compiler import CompilerConfig, CostModel, Plan, compile
-from compiler.build import BuildLimits, FinalAnswer, RoutedSubQuery, add_query
+from compiler.build import BuildLimits, FinalAnswer, Retrieval, RoutedSubQuery, add_query
 from compiler.cluster import ClusterSpec
 from compiler.ir import AGGREGATOR, Graph
 from compiler.verify import GraphError, verify
@@ -55,6 +55,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.cost: CostModel | None = None
         self.setup_peak_bytes = 0
+        self.retrievers: dict = {}  # knowledge source key -> loaded Retriever (experts with `knowledge`)
 
     @contextmanager
     def _stage(self, name: str):
@@ -82,6 +83,16 @@ class Pipeline:
             prompts = {name: (e.model, e.system_prompt) for name, e in self.experts.items()}
             prompts[AGGREGATOR] = (self.aggregator.model, self.aggregator.system_prompt)
             self.cost = with_engines(self.cost, self.pool, prompts)
+        knowledge = {name: e.knowledge for name, e in self.experts.items() if e.knowledge is not None}
+        if knowledge:
+            with self._stage("load_knowledge"):
+                from compiler.cost import SourceCost
+                from compllm.knowledge import Retrievers
+
+                self.retrievers = Retrievers.for_experts(knowledge, self.cache_dir)
+                self.cost = self.cost.with_sources(
+                    {key: SourceCost(r.nbytes, r.query_s, r.call_s) for key, r in self.retrievers.items()},
+                    {name: cfg.source_key() for name, cfg in knowledge.items()})
         self.setup_peak_bytes = peak_memory_bytes()
         start_run_window()
 
@@ -122,9 +133,14 @@ class Pipeline:
                     for sq, r in zip(d.subqueries, rs)
                 ]
                 add_query(graph, f"q{i}", d.query, subqueries, AGGREGATOR, self.aggregator.max_new_tokens, limits,
-                          self.final_answer(d))
+                          self.final_answer(d), self.retrievals())
             verify(graph, known_experts=[*self.experts, AGGREGATOR])
             return graph
+
+    def retrievals(self) -> dict[str, Retrieval]:
+        """Expert -> its knowledge source as the graph builder needs it (experts without one: closed-book)."""
+        return {name: Retrieval(e.knowledge.source_key(), e.knowledge.k, e.knowledge.max_passage_chars)
+                for name, e in self.experts.items() if e.knowledge is not None}
 
     def final_answer(self, d: Decomposition) -> FinalAnswer:
         """Joined (no model call) unless the aggregator is set to write it and there is something to merge:
@@ -137,7 +153,8 @@ class Pipeline:
 
     def context(self) -> ExecutionContext:
         """A fresh execution context (its clock starts now) over the loaded models."""
-        return ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars, self.retry)
+        return ExecutionContext(self.pool, self.experts, self.aggregator, self.max_answer_chars, self.retry,
+                                knowledge=self.retrievers)
 
     def compile(self, graph: Graph) -> Plan:
         """Passes + lowering under the process's cost model; models already loaded start resident."""

@@ -268,7 +268,7 @@ def fault_campaign(queries: int, seed: int = 0) -> dict:
               "empty_rate_per_request": rates["empty_rate"],
               "retry": {"max_attempts": retry.max_attempts, "backoff_s": retry.backoff_s, "timeout_s": retry.timeout_s},
               "policies": {}}
-    sequential = CompilerConfig(passes=["batch", "schedule", "residency"], max_batch_size=1, max_call_size=1)
+    sequential = CompilerConfig(passes=["retrieve", "batch", "schedule", "residency"], max_batch_size=1, max_call_size=1)
     policies = [(PlanExecutor("sequential", barrier=True), sequential), (PlanExecutor("level", barrier=True),
                 CompilerConfig()), (PlanExecutor("compiled"), CompilerConfig())]
     for p, (policy, config) in enumerate(policies):

@@ -67,7 +67,7 @@ EXPERTS = {name: Expert(name, "d", model, "sys") for name, model in
            [("general", "small"), ("math", "big"), ("medicine", "small")]}
 FAST = RetryPolicy(max_attempts=3, backoff_s=0.001)
 #: conf/policy/sequential.yaml's compiler settings: every node its own call (tests/test_config.py checks they agree)
-SEQUENTIAL = dict(passes=["batch", "schedule", "residency"], max_batch_size=1, max_call_size=1)
+SEQUENTIAL = dict(passes=["retrieve", "batch", "schedule", "residency"], max_batch_size=1, max_call_size=1)
 POLICIES = {"sequential": (True, SEQUENTIAL), "level": (True, {}), "compiled": (False, {})}
 
 

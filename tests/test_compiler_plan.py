@@ -183,9 +183,11 @@ def test_golden_graph_and_plan_text():
 def test_report_has_timings_and_optional_dumps():
     plan = compile(golden_graph(), golden_cost(), CompilerConfig(dump=True))
     report = plan.report
-    assert list(report.pass_seconds) == ["dedupe", "fuse", "batch", "prefix", "schedule", "place", "residency"]
+    assert list(report.pass_seconds) == ["dedupe", "fuse", "retrieve", "batch", "prefix", "schedule", "place",
+                                         "residency"]
     assert report.total_seconds >= report.lower_seconds >= 0
-    assert [name for name, _ in report.dumps] == ["input", "dedupe", "fuse", "batch", "prefix", "schedule", "residency"]
+    assert [name for name, _ in report.dumps] == ["input", "dedupe", "fuse", "retrieve", "batch", "prefix", "schedule",
+                                                  "residency"]
     assert compile(golden_graph(), golden_cost()).report.dumps == []
     assert plan.loads == 2 and plan.count(StepKind.EVICT) == 0  # unlimited budget: load once, never evict
 

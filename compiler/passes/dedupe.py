@@ -23,7 +23,9 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
     # work an earlier plan increment already answers is registered first: new work may reuse it, never replace it
     for nid in [n for n in order if n in ctx.done] + [n for n in order if n not in ctx.done]:
         node = nodes[nid]
-        if node.kind is not NodeKind.SUBQUERY or node.fused_from or not node.needs_model:
+        if node.kind is NodeKind.RETRIEVE:
+            pass  # the same lookup (source, question, inputs) is read once
+        elif node.kind is not NodeKind.SUBQUERY or node.fused_from or not node.needs_model:
             continue  # aggregates stay per query; fused calls and their parts are bound to each other
         inputs = {label: kept_for.get(p, p) for label, p in node.inputs.items()}
         resolved = REFERENCE.sub(lambda m: "{@" + inputs.get(m.group(1), m.group(1)) + "}", node.template)

@@ -15,7 +15,7 @@ from compiler.config import PassContext
 from compiler.ir import Graph
 
 #: Annotations computed from the nodes: a pass that rewrites nodes invalidates them.
-DERIVED = frozenset({"batches", "prefixes", "schedule", "placement", "residency"})
+DERIVED = frozenset({"batches", "prefixes", "schedule", "placement", "residency", "retrievals"})
 
 #: What lowering needs: it only lowers, it never batches, orders or plans residency itself.
 LOWERING_REQUIRES = frozenset({"batches", "schedule", "residency"})

@@ -57,6 +57,8 @@ def _check(cfg: Any) -> None:
         problems.append(f"expert name {AGGREGATOR!r} is reserved for the aggregator; rename that expert")
     for name, expert in cfg.experts.items():
         need_model(f"experts.{name}.model", expert.model)
+        if expert.get("knowledge") is not None:
+            problems += _knowledge_problems(name, expert.knowledge)
     need_model("decomposer.model", cfg.decomposer.model)
     need_model("aggregator.model", cfg.aggregator.model)
     fallback = cfg.router.get("fallback_expert")
@@ -71,6 +73,24 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _knowledge_problems(name: str, knowledge: Any) -> list[str]:
+    """What is wrong with an expert's knowledge source, found before any index is built."""
+    from compllm.knowledge.config import KnowledgeConfig
+    from compllm.knowledge.corpus import KnowledgeError
+    from compllm.knowledge.retriever import check
+
+    cfg = KnowledgeConfig(str(knowledge.corpus), list(knowledge.topics), int(knowledge.k),
+                          int(knowledge.max_passage_chars))
+    problems = []
+    try:
+        check(name, cfg)
+    except KnowledgeError as exc:
+        problems.append(str(exc))
+    if cfg.corpus != "wiki" and not Path(cfg.corpus).expanduser().is_dir():
+        problems.append(f"experts.{name}.knowledge.corpus={cfg.corpus!r} is neither `wiki` nor a directory")
+    return problems
 
 
 def _limit_problems(cfg: Any) -> list[str]:

@@ -6,11 +6,13 @@ records what happened.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from compiler.build import PASSAGES_LABEL
 from compiler.ir import Graph, Node, NodeKind
 from compllm.backends.base import GenerationRequest, OnText
 from compllm.backends.pool import ModelPool
@@ -28,6 +30,7 @@ class ExecutionContext:
     max_answer_chars: int = 400
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     t0: float = field(default_factory=time.perf_counter)
+    knowledge: Mapping[str, Any] = field(default_factory=dict)  # source key -> loaded Retriever (compllm.knowledge)
 
     def generate(self, model: str, requests: Sequence[GenerationRequest], policies: Sequence[RetryPolicy],
                  what: str, slots: int = 0, on_text: OnText | None = None) -> list[CallOutcome]:
@@ -72,9 +75,38 @@ class ExecutionContext:
                 parent, res = graph.nodes[parent_id], results.get(parent_id)
                 answer = res.answer if res and res.ok else f"(no answer: {res.error if res else 'not run'})"
                 parts.append((label.lstrip("#"), fill(parent, answers, self.max_answer_chars), answer))
-            chained = any(graph.nodes[p].inputs for p in node.parents)
+            chained = any(set(graph.nodes[p].inputs) - {PASSAGES_LABEL} for p in node.parents)
             return self.aggregator.request(node.template, parts, chained)
-        return subquery_request(node, self.experts[node.expert], answers, self.max_answer_chars)
+        passages = None
+        if PASSAGES_LABEL in node.inputs:
+            passages = json.loads(answers.get(node.inputs[PASSAGES_LABEL], "[]") or "[]")
+        return subquery_request(node, self.experts[node.expert], answers, self.max_answer_chars, passages)
+
+    def lookup(self, nodes: Sequence[Node], results: Mapping[str, NodeResult]) -> list[tuple[str, str, str]]:
+        """A retrieve step's nodes looked up in their experts' sources, one search per (source, topics, k):
+        (question, passages as JSON, error) per node, in order. The question is the node's template with its
+        parents' answers filled in (unquoted: the index reads words, not quotes)."""
+        answers = {nid: r.answer for nid, r in results.items() if r.ok}
+        out: list[tuple[str, str, str]] = [("", "", "")] * len(nodes)
+        groups: dict[tuple, list[int]] = {}
+        for i, node in enumerate(nodes):
+            cfg = self.experts[node.expert].knowledge
+            if cfg is None or cfg.source_key() not in self.knowledge:
+                out[i] = ("", "", f"expert {node.expert!r} has no loaded knowledge source")
+                continue
+            groups.setdefault((cfg.source_key(), tuple(cfg.topics), cfg.k), []).append(i)
+        for (key, topics, k), rows in groups.items():
+            questions = [fill(nodes[i], answers, self.max_answer_chars).replace("«", "").replace("»", "")
+                         for i in rows]
+            try:
+                found = self.knowledge[key].search(questions, k, topics)
+            except Exception as exc:  # an index failure fails its nodes (their readers are skipped), never the run
+                for i, q in zip(rows, questions):
+                    out[i] = (q, "", f"lookup in {key!r} failed: {type(exc).__name__}: {exc}")
+                continue
+            for i, q, hits in zip(rows, questions, found):
+                out[i] = (q, json.dumps([h.to_dict() for h in hits], ensure_ascii=False), "")
+        return out
 
     def blocked_by(self, node: Node, results: Mapping[str, NodeResult]) -> str | None:
         """A sub-query whose parent failed or was skipped cannot run: say which parent."""

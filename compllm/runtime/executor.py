@@ -215,6 +215,8 @@ class LiveRun:
                 self._evict(step)
             elif step.kind is StepKind.HOST:
                 self._host(step)
+            elif step.kind is StepKind.RETRIEVE:
+                self._retrieve(step)
             else:
                 self._generate(step)
                 _synchronize_device()
@@ -261,6 +263,31 @@ class LiveRun:
                     res.answer, res.error = run_host(node, self.results)
                     res.status = "ok" if not res.error else "failed"
                 res.end = self.ctx.now()
+        self._advance(step)
+        self._announce(step.nodes)
+
+    def _retrieve(self, step: Step) -> None:
+        """One batched lookup for the step's retrieve nodes (as planned); each node's answer is its passages."""
+        runnable: list[tuple[Node, NodeResult]] = []
+        with self.lock:
+            for node_id in step.nodes:
+                node = self.graph.nodes[node_id]
+                res = self.results[node_id] = self.ctx.new_result(node, "")
+                res.start = self.ctx.now()
+                blocked = "cancelled" if self._is_cancelled(node_id) else self.ctx.blocked_by(node, self.results)
+                if blocked:
+                    res.status, res.error, res.end = "skipped", blocked, res.start
+                else:
+                    runnable.append((node, res))
+            results = dict(self.results)
+        found = self.ctx.lookup([n for n, _ in runnable], results) if runnable else []
+        with self.lock:
+            end = self.ctx.now()
+            for (node, res), (question, passages, error) in zip(runnable, found):
+                res.prompt, res.answer, res.error, res.end = question, passages, error, end
+                res.status, res.batch_size, res.attempts = ("failed" if error else "ok"), len(runnable), 1
+                if error:
+                    log.error("node %s failed: %s", node.id, error)
         self._advance(step)
         self._announce(step.nodes)
 

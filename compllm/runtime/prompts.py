@@ -9,11 +9,11 @@ of the prompt's own headers ("Question:", "Facts from ...").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, List, Mapping, Sequence
+from typing import Any, Collection, List, Mapping, Sequence
 
 from omegaconf import MISSING
 
-from compiler.build import FinalAnswer
+from compiler.build import PASSAGES_LABEL, FinalAnswer
 from compiler.choices import option_letters
 from compiler.ir import REFERENCE, AnswerType, Node
 from compllm.backends.base import GenerationRequest
@@ -43,12 +43,25 @@ def fill(node: Node, answers: Mapping[str, str], max_answer_chars: int) -> str:
                    for i, part in enumerate(parts))
 
 
-def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max_answer_chars: int = 400) -> GenerationRequest:
+def passages_block(passages: Sequence[Mapping[str, Any]], max_chars: int) -> str:
+    """Retrieved passages as prompt text: numbered, each quoted and capped like a parent's answer."""
+    lines = [f"[{i}] " + quote(f"{p.get('title', '')}: {p.get('text', '')}", max_chars)
+             for i, p in enumerate(passages, start=1)]
+    return "Passages from the knowledge source (they may not hold the answer):\n" + "\n".join(lines)
+
+
+def subquery_request(node: Node, expert: Expert, answers: Mapping[str, str], max_answer_chars: int = 400,
+                     passages: Sequence[Mapping[str, Any]] | None = None) -> GenerationRequest:
+    """`passages`: what the node's retrieve parent found (None: it has none), quoted before its question."""
     question = fill(node, answers, max_answer_chars)
     context = [
         f"{label}: {quote(answers.get(parent, ''), max_answer_chars)}" for label, parent in node.inputs.items()
+        if label != PASSAGES_LABEL
     ]
     user = question if not context else "Facts from earlier steps:\n" + "\n".join(context) + "\n\nQuestion: " + question
+    if passages is not None:
+        cap = expert.knowledge.max_passage_chars if expert.knowledge is not None else max_answer_chars
+        user = passages_block(passages, cap) + "\n\n" + (user if context else "Question: " + question)
     choices = option_letters(question) if node.answer_type is AnswerType.CHOICE else ()
     return GenerationRequest(
         ({"role": "system", "content": expert.system_prompt}, {"role": "user", "content": user}),
