@@ -109,6 +109,20 @@ def run_variant(name: str, items, batch: int, partial: Path | None = None) -> di
     return out
 
 
+def merged(data: dict, items) -> list[dict]:
+    """A variant from another run's result JSON, or from its `.partial.json` (a run stopped before its last item:
+    the items it finished, which are the first ones of the same list)."""
+    if "variants" in data:
+        return data["variants"]
+    rows = data["items"]
+    assert [r["id"] for r in rows] == [it.id for it in items[:len(rows)]], "partial run of other items"
+    cfg = compose(VARIANTS[data["name"]])
+    out = aggregate(rows)
+    out.update(name=data["name"], overrides=VARIANTS[data["name"]], model=str(cfg.models[cfg.decomposer.model].name),
+               seconds_per_item=data["seconds"] / len(rows), partial=True, items=rows)
+    return [out]
+
+
 def aggregate(rows: list[dict]) -> dict:
     defined = [r["edge_recall"] for r in rows if r["edge_recall"] is not None]
     strict = [r["edge_recall"] if r["edge_recall"] is not None else 0.0 for r in rows if r["gold_has_edges"]]
@@ -139,24 +153,28 @@ def fmt(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(result: dict) -> str:
-    lines = [f"# Planner variants on FanOutQA dev (the first n items in file order, exemplars excluded)", "",
-             f"Command: `{result['command']}`", "",
-             "| variant | planner model | n | edge recall (defined on) | edge recall, strict | edge precision | "
-             "sub-questions pred vs gold | count ratio (median) | node P / R | preds with edges | decoding | "
-             "fallbacks | cut at max tokens | s/item |", "|" + "---|" * 14]
-    for v in result["variants"]:
-        dec = ", ".join(f"{k} {n}" for k, n in sorted(v["decoding"].items()))
-        lines.append(
-            f"| {v['name']} | {v['model']} | {v['n']} | {fmt(v['edge_recall'])} ({v['edge_defined']:.0%}) | "
+def row(v: dict) -> str:
+    dec = ", ".join(f"{k} {n}" for k, n in sorted(v["decoding"].items()))
+    return (f"| {v['name']} | {v['model']} | {v['n']} | {fmt(v['edge_recall'])} ({v['edge_defined']:.0%}) | "
             f"{fmt(v['edge_recall_strict'])} | {fmt(v['edge_precision'])} | {v['mean_pred']:.1f} vs {v['mean_gold']:.1f} | "
             f"{v['count_ratio']:.2f} ({v['count_ratio_median']:.2f}) | {v['node_precision']:.2f} / {v['node_recall']:.2f} | "
             f"{v['items_with_pred_edges']:.0%} | {dec} | {v['fallbacks']} | {v['cut_at_max_new_tokens']} | "
             f"{v['seconds_per_item']:.1f} |")
+
+
+def markdown(result: dict) -> str:
+    header = ["| variant | planner model | n | edge recall (defined on) | edge recall, strict | edge precision | "
+              "sub-questions pred vs gold | count ratio (median) | node P / R | preds with edges | decoding | "
+              "fallbacks | cut at max tokens | s/item |", "|" + "---|" * 14]
+    lines = ["# Planner variants on FanOutQA dev (the first n items in file order, exemplars excluded)", "",
+             f"Command: `{result['command']}`", ""] + header + [row(v) for v in result["variants"]]
+    if result.get("common"):
+        lines += ["", f"The same on the first {result['common_n']} items only (those every variant planned, side by "
+                      "side):", ""] + header + [row(v) for v in result["common"]]
     s = result["summary"]
-    lines += ["", f"Best planner (by strict edge recall): **{s['best_planner']}**: edge recall "
-                  f"{fmt(s['fanoutqa_edge_recall'])}, count ratio {fmt(s['fanoutqa_count_ratio'])} "
-                  "(targets: edge recall >= 0.5, count within 30% of gold).", ""]
+    lines += ["", f"Best planner (by strict edge recall): **{s['best_planner']}** (n = {s['n_fanoutqa']}): edge recall "
+                  f"{fmt(s['fanoutqa_edge_recall'])} (strict {fmt(s['fanoutqa_edge_recall_strict'])}), count ratio "
+                  f"{fmt(s['fanoutqa_count_ratio'])} (targets: edge recall >= 0.5, count within 30% of gold).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -176,10 +194,14 @@ def main() -> None:
     assert not {it.id for it in items} & set(excluded)
     variants = []
     for path in filter(None, args.merge.split(",")):
-        variants += json.loads(Path(path).read_text())["variants"]
+        variants += merged(json.loads(Path(path).read_text()), items)
     for name in filter(None, args.variants.split(",")):
         variants.append(run_variant(name, items, args.batch, RESULTS / f"{args.out}.{name}.partial.json"))
         print(json.dumps({k: v for k, v in variants[-1].items() if k != "items"}), file=sys.stderr, flush=True)
+    n_min = min(v["n"] for v in variants)
+    common = ([{**aggregate(v["items"][:n_min]), "name": v["name"], "model": v["model"],
+                "seconds_per_item": v["seconds_per_item"]} for v in variants]
+              if len({v["n"] for v in variants}) > 1 else [])
     best = max(variants, key=lambda v: (v["edge_recall_strict"] or 0.0, -abs(1 - v["count_ratio"])))
     result = {
         "command": "PYTHONPATH=. .venv/bin/python experiments/bench_planner.py " + " ".join(sys.argv[1:]),
@@ -189,7 +211,7 @@ def main() -> None:
                     "fanoutqa_edge_recall_strict": best["edge_recall_strict"],
                     "fanoutqa_edge_defined": best["edge_defined"],
                     "fanoutqa_count_ratio": best["count_ratio"], "n_fanoutqa": best["n"]},
-        "variants": variants,
+        "variants": variants, "common_n": n_min, "common": common,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
