@@ -115,12 +115,37 @@ def merged(data: dict, items) -> list[dict]:
     if "variants" in data:
         return [{"command": data["command"], **v} for v in data["variants"]]
     rows = data["items"]
-    assert [r["id"] for r in rows] == [it.id for it in items[:len(rows)]], "partial run of other items"
+    ids = [it.id for it in items]
+    assert rows and rows[0]["id"] in ids and [r["id"] for r in rows] == ids[ids.index(rows[0]["id"]):][:len(rows)], \
+        "partial run of other items"
     cfg = compose(VARIANTS[data["name"]])
     out = aggregate(rows)
     out.update(name=data["name"], overrides=VARIANTS[data["name"]], model=str(cfg.models[cfg.decomposer.model].name),
                seconds_per_item=data["seconds"] / len(rows), partial=True, items=rows)
     return [out]
+
+
+def joined(variants: list[dict], items) -> list[dict]:
+    """Runs of one variant over consecutive item ranges (`--start`) joined into one, in item order; each variant
+    must then cover the first n items."""
+    by_name: dict[str, list[dict]] = {}
+    for v in variants:
+        by_name.setdefault(v["name"], []).append(v)
+    ids = [it.id for it in items]
+    out = []
+    for name, runs in by_name.items():
+        runs.sort(key=lambda v: ids.index(v["items"][0]["id"]))
+        rows = [r for v in runs for r in v["items"]]
+        assert [r["id"] for r in rows] == ids[:len(rows)], f"{name}: the runs do not cover the first items in order"
+        if len(runs) == 1:
+            out.append(runs[0])
+            continue
+        seconds = sum(v["seconds_per_item"] * v["n"] for v in runs)
+        commands = sorted({c for v in runs for c in v.get("commands", [v.get("command")]) if c})
+        out.append({**aggregate(rows), **{k: runs[0][k] for k in ("name", "overrides", "model")},
+                    "seconds_per_item": seconds / len(rows), "partial": any(v.get("partial") for v in runs),
+                    "commands": commands, "items": rows})
+    return out
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -168,7 +193,7 @@ def markdown(result: dict) -> str:
               "fallbacks | cut at max tokens | s/item |", "|" + "---|" * 14]
     lines = ["# Planner variants on FanOutQA dev (the first n items in file order, exemplars excluded)", "",
              f"Command: `{result['command']}`", ""]
-    merged_from = sorted({v["command"] for v in result["variants"] if v.get("command")})
+    merged_from = sorted({c for v in result["variants"] for c in v.get("commands", [v.get("command")]) if c})
     if merged_from:
         lines += ["Merged from the runs (in parallel, each variant's items in the same order):", ""]
         lines += [f"* `{c}`" for c in merged_from] + [""]
@@ -195,6 +220,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--variants", default="free-0.5b,constrained-0.5b,constrained-1.5b")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--start", type=int, default=0, help="skip the first items (a run continuing another: "
+                        "--merge joins the two runs' items of one variant in order)")
     parser.add_argument("--out", default="bench_planner")
     parser.add_argument("--merge", default="", help="comma-separated result JSONs (of runs of other variants, e.g. "
                         "run in parallel) whose variants join this run's in one table; --variants '' runs none")
@@ -202,11 +229,13 @@ def main() -> None:
     from compllm.data.fanoutqa import load_fanoutqa_dev, without
 
     excluded = exemplar_ids()
-    items = without(load_fanoutqa_dev(), excluded)[: args.n]
+    everything = without(load_fanoutqa_dev(), excluded)
+    items = everything[args.start: args.start + args.n]
     assert not {it.id for it in items} & set(excluded)
     variants = []
     for path in filter(None, args.merge.split(",")):
-        variants += merged(json.loads(Path(path).read_text()), items)
+        variants += merged(json.loads(Path(path).read_text()), everything)
+    variants = joined(variants, everything)
     for name in filter(None, args.variants.split(",")):
         variants.append(run_variant(name, items, args.batch, RESULTS / f"{args.out}.{name}.partial.json"))
         print(json.dumps({k: v for k, v in variants[-1].items() if k != "items"}), file=sys.stderr, flush=True)
