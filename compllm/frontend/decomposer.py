@@ -76,7 +76,8 @@ class Decomposer:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"decomposer.{name}={getattr(self, name)!r} must be at least 1")
         # the schema's text, built (and checked: at most 9 parts) once; "" when unconstrained
-        self.json_schema = plan_schema_text(self.max_subqueries, min(max_question_chars, max_chars)) if constrained else ""
+        self.json_schema = (plan_schema_text(self.max_subqueries, min(max_question_chars, max_chars))
+                            if constrained else "")
 
     def cap(self, query: str) -> tuple[str, tuple[str, ...]]:
         """The query as the rest of the pipe sees it: at most max_query_chars, plus a warning when cut."""
