@@ -38,6 +38,9 @@ class FinalAnswer(str, Enum):
 
     join = "join"  # the answers of the parts nothing else reads, unchanged and in order; no model call
     model = "model"  # the aggregator model writes it from every part's answer
+    # every part's answer, in order, no model call: numbered questions, where the user asked each part (a part
+    # another part reads is still an answer they want)
+    every = "every"
 
 
 class BuildError(GraphError):
@@ -153,8 +156,8 @@ def aggregate_node(query_id: str, text: str, subqueries: list[RoutedSubQuery], a
                    aggregator_max_new_tokens: int | None, final: FinalAnswer) -> Node:
     """The query's sink: its final answer, joined on the host from the parts nothing else reads, or written by
     the aggregator model from every part."""
-    joined = final is FinalAnswer.join
-    read = {d for sq in subqueries for d in sq.depends_on} if joined else set()
+    joined = final in (FinalAnswer.join, FinalAnswer.every)
+    read = {d for sq in subqueries for d in sq.depends_on} if final is FinalAnswer.join else set()
     return Node(
         id=node_id(query_id, "agg"),
         kind=NodeKind.AGGREGATE,

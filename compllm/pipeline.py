@@ -145,7 +145,9 @@ class Pipeline:
     def final_answer(self, d: Decomposition) -> FinalAnswer:
         """Joined (no model call) unless the aggregator is set to write it and there is something to merge:
         numbered questions always get their answers back as a list."""
-        if self.aggregator.mode is FinalAnswer.join or d.format == "enumerated":
+        if d.format == "enumerated" or self.aggregator.mode is FinalAnswer.every:
+            return FinalAnswer.every  # the user asked each numbered question, also those a later one reads
+        if self.aggregator.mode is FinalAnswer.join:
             return FinalAnswer.join
         if len(d.subqueries) == 1 and self.aggregator.skip_single:
             return FinalAnswer.join

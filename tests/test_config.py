@@ -29,7 +29,7 @@ def test_expert_on_unknown_model_is_named(compose):
     ("models.default.dtype=float8", "auto, bfloat16, float16, float32"),
     ("models.default.backend=vllm", "hf, openai, llamacpp"),
     ("compiler.residency=fifo", "belady, lru"),
-    ("aggregator.mode=vote", "join, model"),
+    ("aggregator.mode=vote", "join, model, every"),
     ("retry.retry_on=[error,meltdown]", "error, timeout, oom, empty"),
 ])
 def test_enum_typos_fail_at_compose_time_listing_the_valid_values(compose, override, valid):

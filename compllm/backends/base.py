@@ -17,6 +17,11 @@ class GenerationRequest:
     # Non-empty: the answer is exactly one of these (option letters); backends that can score tokens pick the
     # most likely one at the first answer token instead of decoding (others may generate and ignore it).
     choices: tuple[str, ...] = ()
+    # Non-empty: a JSON Schema (as JSON text, so the request stays hashable) the answer must satisfy. Backends that
+    # can constrain decoding to it do (llamacpp: a GBNF grammar; openai: response_format json_schema where the
+    # server accepts it) and say so in `Generation.constrained`; the others decode freely and the caller's parser
+    # has to cope (the decomposer records which happened).
+    json_schema: str = ""
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Generation:
     finish_reason: str = "stop"  # stop | length
     batch_size: int = 1
     cached_tokens: int = 0  # prompt tokens not computed for this call: their KV came from a cached shared prefix
+    constrained: bool = False  # the request's json_schema was enforced while decoding (not merely asked for)
 
 
 @dataclass

@@ -48,6 +48,12 @@ as transformers' `apply_chat_template(..., add_generation_prompt=True)` does (ll
 tokens parsed and none added: the same prompt ids as the `hf` backend (checked in tests/test_llamacpp.py).
 llama.cpp's `llama_chat_apply_template` is not used: it is no jinja engine and drops the default system prompt
 that SmolLM2's and Qwen2.5's templates insert.
+
+Constrained decoding: a request with a `json_schema` decodes under llama.cpp's grammar sampler, the schema turned
+into GBNF by llama-cpp-python's own converter (`llama_grammar.json_schema_to_gbnf`, cached per schema). The greedy
+token is checked against the grammar first (one candidate); only when the grammar rejects it is the whole vocabulary
+masked and the best allowed token taken, as llama.cpp's common sampler does: the same token as masking first,
+at a fraction of the cost on a 151k-token vocabulary.
 """
 from __future__ import annotations
 
@@ -162,7 +168,7 @@ def _free(llama_cpp, handles: dict) -> None:
 
 class _Row:
     __slots__ = ("index", "request", "ids", "seq", "pos", "reused", "cached", "tokens", "finished", "next", "pick",
-                 "cells", "entry")
+                 "cells", "entry", "grammar")
 
     def __init__(self, index: int, request: GenerationRequest, ids: list[int]):
         self.index, self.request, self.ids = index, request, ids
@@ -176,6 +182,7 @@ class _Row:
         self.next: int | None = None  # greedy pick from the last logits
         self.pick: int | None = None  # a choice row's best option token
         self.cells = 0  # KV cells reserved for this row's worst case beyond what it reuses
+        self.grammar = None  # llama_sampler_p of the row's json_schema, if it has one
 
     @property
     def needs(self) -> int:
@@ -195,6 +202,7 @@ class LlamaCppModel:
         self.stats.extra.update(prefill_tokens_computed=0, prefill_tokens_reused=0)
         self._lock = threading.Lock()  # one generate at a time per model copy
         self._choice_ids: dict[tuple[str, ...], list[int]] = {}
+        self._gbnf: dict[str, str] = {}  # json_schema text -> GBNF
         llama_cpp = self._l = _llama()
         start = time.perf_counter()
         self._handles: dict = {}
@@ -398,17 +406,25 @@ class LlamaCppModel:
             start = time.perf_counter()
             ok = False
             try:
+                for row in rows:
+                    if row.request.json_schema and not row.request.choices:
+                        row.grammar = self._grammar_sampler(row.request.json_schema)
                 computed = self._decode(rows, slots, cancel, on_text)
                 ok = True
             finally:
                 self._clear_rows(keep_prefix=ok)
+                for row in rows:
+                    if row.grammar is not None:
+                        self._l.llama_sampler_free(row.grammar)
+                        row.grammar = None
             seconds = time.perf_counter() - start
         results = []
         for row in rows:
             text, stopped = _cut_at_stop(self.detokenize(row.tokens), row.request.stop)
             results.append(Generation(text=text.strip(), prompt_tokens=len(row.ids), output_tokens=len(row.tokens),
                                       seconds=seconds, finish_reason="stop" if (row.finished or stopped) else "length",
-                                      batch_size=len(requests), cached_tokens=row.cached))
+                                      batch_size=len(requests), cached_tokens=row.cached,
+                                      constrained=bool(row.request.json_schema and not row.request.choices)))
             self.stats.prompt_tokens += len(row.ids)
             self.stats.output_tokens += len(row.tokens)
         self.stats.extra["prefill_tokens_computed"] += computed
@@ -567,7 +583,7 @@ class LlamaCppModel:
                                    f"({'no free KV slot: raise llamacpp.n_ctx' if status == 1 else 'see llama.cpp'})")
             for row, i in outputs:
                 out = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
-                row.next = int(out.argmax())
+                row.next = int(out.argmax()) if row.grammar is None else self._constrained_pick(row.grammar, out)
                 if row.request.choices and not row.tokens:
                     allowed = self._choice_token_ids(row.request.choices)
                     row.pick = allowed[int(out[allowed].argmax())]
@@ -596,6 +612,46 @@ class LlamaCppModel:
                 outputs.append((row, n - 1))
         if n:
             flush()
+
+    def _grammar_sampler(self, schema: str):
+        """A fresh grammar sampler for `schema` (JSON Schema text); a schema llama.cpp cannot take is a BackendError."""
+        if schema not in self._gbnf:
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            try:
+                self._gbnf[schema] = json_schema_to_gbnf(schema)
+            except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions on unsupported schemas
+                raise BackendError(f"model {self.name!r}: cannot turn the request's json_schema into a grammar "
+                                   f"({type(exc).__name__}: {exc})") from exc
+        sampler = self._l.llama_sampler_init_grammar(self._vocab, self._gbnf[schema].encode(), b"root")
+        if not sampler:
+            raise BackendError(f"model {self.name!r}: llama.cpp rejected the grammar of the request's json_schema")
+        return sampler
+
+    def _constrained_pick(self, grammar, logits) -> int:
+        """The greedy token the grammar allows (then accepted into the grammar's state): the unconstrained argmax
+        when the grammar allows it, else the best token after masking the whole vocabulary."""
+        import numpy as np
+
+        L = self._l
+        best = int(logits.argmax())
+        one = (L.llama_token_data * 1)(L.llama_token_data(best, float(logits[best]), 0.0))
+        arr = L.llama_token_data_array(one, 1, -1, False)
+        L.llama_sampler_apply(grammar, ctypes.byref(arr))
+        if not np.isfinite(one[0].logit):
+            data = np.empty(self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            data["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            data["logit"] = logits
+            data["p"] = 0.0
+            arr = L.llama_token_data_array(data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), self._n_vocab,
+                                           -1, False)
+            L.llama_sampler_apply(grammar, ctypes.byref(arr))
+            allowed = data["logit"]
+            if not np.isfinite(allowed).any():
+                raise BackendError(f"model {self.name!r}: the grammar of the request's json_schema allows no token")
+            best = int(allowed.argmax())
+        L.llama_sampler_accept(grammar, best)
+        return best
 
     def _clear_rows(self, keep_prefix: bool) -> None:
         """Drop every row's KV after a call; after a failed one (cancelled, error) the saved prefixes too."""

@@ -13,6 +13,7 @@ malformed JSON is a failed attempt, never a crash. The client's own retries are 
 from __future__ import annotations
 
 import asyncio
+import json
 import concurrent.futures
 import logging
 import os
@@ -100,7 +101,8 @@ class OpenAIServerModel:
         start = time.perf_counter()
         results = self._run(self._batch(list(requests), slots, on_text), cancel)
         seconds = time.perf_counter() - start
-        out = [Generation(text, p, o, seconds, finish, len(requests)) for text, p, o, finish in results]
+        out = [Generation(text, p, o, seconds, finish, len(requests), constrained=self._constrains(r))
+               for r, (text, p, o, finish) in zip(requests, results)]
         self.stats.calls += 1
         self.stats.prompt_tokens += sum(g.prompt_tokens for g in out)
         self.stats.output_tokens += sum(g.output_tokens for g in out)
@@ -138,9 +140,18 @@ class OpenAIServerModel:
 
         return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
 
+    def _constrains(self, request: GenerationRequest) -> bool:
+        """The request's json_schema goes to the server as response_format (only where server.json_schema says the
+        server enforces it; elsewhere the reply is free text and the caller's parser copes)."""
+        return bool(request.json_schema and self.server.json_schema and not request.choices)
+
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"model": self.server.model, "messages": list(request.messages), "temperature": 0.0,
                                   "max_tokens": request.max_new_tokens}
+        if self._constrains(request):
+            kwargs["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "plan", "strict": True,
+                                                         "schema": json.loads(request.json_schema)}}
         if request.stop:
             kwargs["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4 stop strings
         return kwargs

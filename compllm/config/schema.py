@@ -83,6 +83,9 @@ class DecomposerConfig:
     split_enumerated: bool = True  # numbered questions are split at their numbers, no model call
     detect_choices: bool = True  # their questions with lettered options are typed `choice` (scored, not generated)
     stream: bool = True  # read the planner while it writes: each complete part joins the running plan at once
+    constrained: bool = False  # decode under the plan JSON schema (a DAG by construction) where the backend can
+    max_question_chars: int = 160  # per sub-query under the schema
+    fanoutqa_exemplars: List[str] = field(default_factory=list)  # FanOutQA dev ids appended as worked examples
 
 
 @dataclass

@@ -133,3 +133,34 @@ def iter_subquestions(subs: Sequence[GoldSubQuestion]) -> Iterator[GoldSubQuesti
     for s in subs:
         yield s
         yield from iter_subquestions(s.decomposition)
+
+
+def exemplars(ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Planner few-shot examples from FanOutQA dev items (`decomposer.fanoutqa_exemplars`): each item's top-level
+    gold DAG in dependency order, as {query, subqueries: [{question, depends_on: 1-based positions}]}. Evaluations
+    leave these items out (`without`)."""
+    by_id = {item.id: item for item in load_fanoutqa_dev()}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ValueError(f"decomposer.fanoutqa_exemplars: {unknown} are not FanOutQA dev ids "
+                         f"(see {fanoutqa_dev_path()})")
+    out = []
+    for i in ids:
+        subs = list(by_id[i].decomposition)
+        order: list[GoldSubQuestion] = []
+        while subs:  # gold DAGs are acyclic (checked at load): take the first part whose dependencies are placed
+            placed = {s.id for s in order}
+            nxt = next(s for s in subs if set(s.depends_on) <= placed)
+            order.append(nxt)
+            subs.remove(nxt)
+        position = {s.id: n for n, s in enumerate(order, start=1)}
+        out.append({"query": by_id[i].question,
+                    "subqueries": [{"question": s.question, "depends_on": sorted(position[d] for d in s.depends_on)}
+                                   for s in order]})
+    return out
+
+
+def without(items: Sequence[FanOutItem], exclude: Sequence[str]) -> list[FanOutItem]:
+    """`items` less the ones whose id is in `exclude` (the planner's exemplars: never evaluated on)."""
+    skip = set(exclude)
+    return [item for item in items if item.id not in skip]

@@ -1,16 +1,22 @@
-"""Split a compound query into sub-queries with explicit dependencies, using an LLM and a tolerant parser."""
+"""Split a compound query into sub-queries with explicit dependencies, using an LLM and a tolerant parser.
+
+With `constrained`, the planner decodes under `plan_schema` (dependencies can only name earlier parts), so what an
+engine that enforces the schema returns is a DAG by construction; the tolerant parser still reads every output
+(an enforced one cut at `max_new_tokens`, or one from a backend that cannot enforce a schema), and
+`Decomposition.decoding` records which path was taken."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from compiler.choices import option_letters
 from compllm.backends.base import Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
-from compllm.frontend.enumerated import split_enumerated
+from compllm.frontend.enumerated import numbered_references, split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
+from compllm.frontend.plan_schema import plan_schema_text, schema_violation
 from compllm.runtime.faults import CallOutcome
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,11 @@ class Decomposition:
     format: str = ""
     generation: Generation | None = field(default=None, compare=False)
     omitted: str = ""  # parts of the query that will not be answered (over a cap), said in the final answer
+    # How the planner's output was decoded and read: `free` (no schema asked), `constrained` (the backend enforced
+    # the schema and the output conforms), `constrained-repaired` (enforced, but the output did not conform, e.g.
+    # cut at max_new_tokens: the tolerant parser read it), `unenforced` (schema asked, the backend cannot enforce
+    # it: the tolerant parser read free text); "" when no model wrote it (numbered questions, a failed call).
+    decoding: str = ""
 
 
 class Decomposer:
@@ -42,13 +53,21 @@ class Decomposer:
     def __init__(self, model: str, system_prompt: str, examples: Sequence[Mapping[str, Any]] = (),
                  max_subqueries: int = 8, max_chars: int = 1000, max_new_tokens: int = 256,
                  max_query_chars: int = 4000, split_enumerated: bool = True, detect_choices: bool = True,
-                 stream: bool = True):
+                 stream: bool = True, constrained: bool = False, max_question_chars: int = 160,
+                 fanoutqa_exemplars: Sequence[str] = ()):
         self.model = model
         self.stream = stream  # read while it writes: parts join the running plan as soon as they are complete
         self.split_enumerated = split_enumerated
         self.detect_choices = detect_choices
         self.system_prompt = system_prompt
         self.examples = [(ex["query"], _as_json(ex["subqueries"])) for ex in examples]
+        self.fanoutqa_exemplars = tuple(str(i) for i in fanoutqa_exemplars)  # evaluations must leave these out
+        if self.fanoutqa_exemplars:
+            from compllm.data.fanoutqa import exemplars
+
+            self.examples += [(ex["query"], _as_json(ex["subqueries"])) for ex in exemplars(self.fanoutqa_exemplars)]
+        self.constrained = constrained
+        self.max_question_chars = max_question_chars
         self.max_subqueries = max_subqueries
         self.max_chars = max_chars
         self.max_new_tokens = max_new_tokens
@@ -56,6 +75,9 @@ class Decomposer:
         for name in ("max_subqueries", "max_chars", "max_new_tokens", "max_query_chars"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"decomposer.{name}={getattr(self, name)!r} must be at least 1")
+        # the schema's text, built (and checked: at most 9 parts) once; "" when unconstrained
+        self.json_schema = (plan_schema_text(self.max_subqueries, min(max_question_chars, max_chars))
+                            if constrained else "")
 
     def cap(self, query: str) -> tuple[str, tuple[str, ...]]:
         """The query as the rest of the pipe sees it: at most max_query_chars, plus a warning when cut."""
@@ -69,7 +91,7 @@ class Decomposer:
         for ex_query, ex_answer in self.examples:
             messages += [{"role": "user", "content": ex_query}, {"role": "assistant", "content": ex_answer}]
         messages.append({"role": "user", "content": neutralise(query[: self.max_query_chars])})
-        return GenerationRequest(tuple(messages), self.max_new_tokens)
+        return GenerationRequest(tuple(messages), self.max_new_tokens, json_schema=self.json_schema)
 
     def answer_type(self, text: str) -> str:
         """`choice` for a question that lists lettered options (when detect_choices), else `text`."""
@@ -89,9 +111,13 @@ class Decomposer:
             which = f"question {first} of {last} was" if first == last else f"questions {first}-{last} of {last} were"
             omitted = f"{which} not answered: at most {self.max_subqueries} are (decomposer.max_subqueries)"
             warnings += (omitted,)
-        subqueries = tuple(SubQuery(i, text[: self.max_chars], (), self.answer_type(text)) for i, text in
-                           enumerate(parts[: self.max_subqueries], 1))
-        return Decomposition(capped, subqueries, False, "", warnings, "", "enumerated", omitted=omitted)
+        kept = parts[: self.max_subqueries]
+        deps, notes = numbered_references(kept)
+        for note in notes:
+            log.warning("numbered questions: %s", note)
+        subqueries = tuple(SubQuery(i, text[: self.max_chars], deps[i - 1], self.answer_type(text)) for i, text in
+                           enumerate(kept, 1))
+        return Decomposition(capped, subqueries, False, "", warnings + tuple(notes), "", "enumerated", omitted=omitted)
 
     def needs_model(self, queries: Sequence[str]) -> list[str]:
         """The queries a model must split (the others number their own questions)."""
@@ -115,16 +141,35 @@ class Decomposer:
                 out.append(self.parse(query, outcome.generation.text, outcome.generation))
         return out
 
+    def decoding(self, raw: str, generation: Generation | None) -> tuple[str, tuple[str, ...]]:
+        """How this output was decoded (see `Decomposition.decoding`), and a warning when the schema was not kept."""
+        if not self.constrained:
+            return "free", ()
+        if generation is not None and not generation.constrained:
+            return "unenforced", ("the planner's backend cannot enforce the plan schema (decomposer.constrained); "
+                                  "its free-text output was read by the tolerant parser",)
+        try:
+            problem = schema_violation(json.loads(raw), self.max_subqueries)
+        except ValueError as exc:
+            problem = f"not JSON ({exc})"
+        if not problem:
+            return "constrained", ()
+        cut = " (cut at decomposer.max_new_tokens)" if generation is not None and generation.finish_reason == "length" else ""
+        return "constrained-repaired", (f"the constrained planner output does not conform to the plan schema{cut}: "
+                                        f"{problem}; read by the tolerant parser",)
+
     def parse(self, query: str, raw: str, generation: Generation | None = None) -> Decomposition:
         capped, warnings = self.cap(query)
+        decoding, notes = self.decoding(raw, generation)
         try:
             parsed = parse_decomposition(raw, max_subqueries=self.max_subqueries, max_chars=self.max_chars)
         except DecompositionParseError as exc:
             log.warning("decomposer output unusable (%s); answering the query as a single sub-query", exc)
-            return self.single(query, reason=str(exc), raw=raw, generation=generation)
+            return replace(self.single(query, reason=str(exc), raw=raw, generation=generation), decoding=decoding,
+                           warnings=warnings + notes)
         omitted = next((w for w in parsed.warnings if "exceed the cap" in w), "")
-        return Decomposition(capped, parsed.subqueries, False, "", warnings + parsed.warnings, raw, parsed.format,
-                             generation, omitted)
+        return Decomposition(capped, parsed.subqueries, False, "", warnings + notes + parsed.warnings, raw,
+                             parsed.format, generation, omitted, decoding)
 
     def single(self, query: str, reason: str, raw: str = "", generation: Generation | None = None) -> Decomposition:
         """The documented fallback: the original query, unsplit, as sub-query #1."""

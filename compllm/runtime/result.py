@@ -102,7 +102,8 @@ def query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: 
     if d.omitted:
         final += f"\n(Not answered: {d.omitted}.)"
     decomposition = {
-        "fallback": d.fallback, "reason": d.reason, "format": d.format, "warnings": list(d.warnings),
+        "fallback": d.fallback, "reason": d.reason, "format": d.format, "decoding": d.decoding,
+        "warnings": list(d.warnings),
         "raw_output": d.raw_output,
         "subqueries": [{**asdict(sq), "expert": r.expert, "route_score": round(r.score, 4), "routed_by": r.routed_by}
                        for sq, r in zip(d.subqueries, routes)],
