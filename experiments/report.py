@@ -276,7 +276,11 @@ SIZE_PAIRS = {"135M": ("compiled_135m", "monolithic_135m"), "0.5B": ("compiled",
 #: summary key -> (benchmark result file written by experiments/bench_*.py, key in its `summary`)
 BENCH_KEYS = {"cascade_vs_mono15_points": ("bench_cascade.json", "cascade_vs_mono15_points"),
               "cascade_compute_ratio": ("bench_cascade.json", "cascade_compute_ratio"),
-              "fanoutqa_edge_recall": ("bench_planner.json", "fanoutqa_edge_recall"),
+              # headline: recall over every item with gold edges (items where no two predicted parts match gold count
+              # 0); the metric over matched items only, and the share of items it is defined on, come with it
+              "fanoutqa_edge_recall": ("bench_planner.json", "fanoutqa_edge_recall_strict"),
+              "fanoutqa_edge_recall_matched_items": ("bench_planner.json", "fanoutqa_edge_recall"),
+              "fanoutqa_edge_recall_defined_share": ("bench_planner.json", "fanoutqa_edge_defined"),
               "fanoutqa_count_ratio": ("bench_planner.json", "fanoutqa_count_ratio"),
               "retrieval_gain_fanoutqa_points": ("bench_retrieval.json", "retrieval_gain_fanoutqa_points"),
               "retrieval_gain_strategyqa_points": ("bench_retrieval.json", "retrieval_gain_strategyqa_points")}
