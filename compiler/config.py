@@ -13,7 +13,7 @@ from typing import FrozenSet, List, Mapping, Optional
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
 
-DEFAULT_PASSES = ("dedupe", "fuse", "batch", "schedule", "residency")
+DEFAULT_PASSES = ("dedupe", "fuse", "cascade", "batch", "schedule", "residency")
 
 
 class ResidencyPolicy(str, Enum):
@@ -27,6 +27,33 @@ class FuseVariant(str, Enum):
     """`siblings` (b and c both reading a, in one call) is deliberately not offered; see compiler/passes/fuse.py."""
 
     chains = "chains"
+
+
+@dataclass
+class CascadeConfig:
+    """A cascade (the `cascade` pass): each sub-query of `experts` (empty: every expert not already on `to_model`)
+    is answered by its expert's model first, and again on `to_model` only when that draft's confidence is below
+    `threshold` (a choice: the first-token probability margin of the best option letter; text: exp(mean token
+    log-prob); both in [0, 1]). `expected_rate`: the share of parts the cost model expects to escalate (measured
+    by experiments/bench_cascade.py; None: `threshold`, the rate if confidences were uniform on [0, 1]). Memory
+    is planned for every escalation: both models' residency is in the plan whatever the drafts say."""
+
+    to_model: str = "big"
+    threshold: float = 0.5
+    expected_rate: Optional[float] = None
+    experts: List[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.threshold if self.expected_rate is None else self.expected_rate
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"cascade.threshold must be in [0, 1] (a confidence), got {self.threshold!r}")
+        if self.expected_rate is not None and not 0.0 <= self.expected_rate <= 1.0:
+            raise ConfigError(f"cascade.expected_rate must be in [0, 1] or null, got {self.expected_rate!r}")
+        if not self.to_model:
+            raise ConfigError("cascade.to_model must name a model alias (e.g. big)")
 
 
 @dataclass
@@ -53,6 +80,8 @@ class CompilerConfig:
     verify: bool = True  # verify the IR after every pass (always before the first) and the plan after lowering
     dump: bool = False  # keep an IR text dump after every pass in the compile report
     dump_dir: Optional[str] = None  # also write those dumps as files there
+    # The `cascade` pass's policy (None: the pass changes nothing). Set from `policy.cascade` (conf/policy/cascade.yaml).
+    cascade: Optional[CascadeConfig] = None
 
     @property
     def planning_budget(self) -> Optional[int]:
@@ -73,6 +102,8 @@ class CompilerConfig:
             raise ConfigError(f"max_call_size must be >= 1 or None, got {self.max_call_size!r}")
         if self.max_batch_kv_bytes is not None and self.max_batch_kv_bytes <= 0:
             raise ConfigError("max_batch_kv_bytes must be positive bytes or None")
+        if self.cascade is not None:
+            self.cascade.validate()
         try:
             self.residency = ResidencyPolicy(self.residency)
             self.fuse = [FuseVariant(v) for v in self.fuse]

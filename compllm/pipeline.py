@@ -59,7 +59,14 @@ class Pipeline:
 
     def model_aliases(self) -> list[str]:
         used = [self.decomposer.model, self.aggregator.model, *(e.model for e in self.experts.values())]
+        if self.compiler_config.cascade is not None:  # escalations run there: planned, so calibrated and loaded
+            used.append(self.compiler_config.cascade.to_model)
         return list(dict.fromkeys(used))
+
+    def cascade_models(self) -> list[str]:
+        """The model a planned cascade escalates to (none without a cascade)."""
+        cascade = self.compiler_config.cascade
+        return [] if cascade is None else [cascade.to_model]
 
     def expert_models(self) -> dict[str, str]:
         """Expert -> model alias, the aggregator included: the one mapping the compiler plans with."""
@@ -73,7 +80,7 @@ class Pipeline:
             self.router.fit(self.experts)
         with self._stage("calibrate"):
             self.cost = build_cost_model(self.pool, self.expert_models(), self.cache_dir, self.auto_calibrate,
-                                         self.show_progress, also=[self.decomposer.model])
+                                         self.show_progress, also=[self.decomposer.model, *self.cascade_models()])
         self.setup_peak_bytes = peak_memory_bytes()
         start_run_window()
 

@@ -13,15 +13,20 @@ from compllm.pipeline import Pipeline
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     check_config(cfg)
+    compiler_config = OmegaConf.to_object(cfg.compiler)
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    cascade = policy_cfg.pop("cascade", None)  # the compiler's to plan (a cascade pass), not the executor's
+    if cascade is not None:
+        compiler_config.cascade = OmegaConf.to_object(cfg.policy.cascade)
     return Pipeline(
         pool=ModelPool(OmegaConf.to_container(cfg.models, resolve=True, enum_to_str=True), cache_dir=cfg.cache_dir),
         experts=experts_from_config(cfg.experts),
         decomposer=instantiate(cfg.decomposer, _convert_="all"),
         router=instantiate(cfg.router, _convert_="all"),
         aggregator=OmegaConf.to_object(cfg.aggregator),
-        policy=instantiate(cfg.policy),
+        policy=instantiate(policy_cfg),
         max_answer_chars=cfg.max_answer_chars,
-        compiler_config=OmegaConf.to_object(cfg.compiler),
+        compiler_config=compiler_config,
         cache_dir=cfg.cache_dir,
         retry=OmegaConf.to_object(cfg.retry),
         auto_calibrate=cfg.auto_calibrate,

@@ -64,6 +64,18 @@ def _check(cfg: Any) -> None:
         problems.append(
             f"router.fallback_expert={fallback!r} is not an expert; configured experts: {', '.join(cfg.experts)}"
         )
+    cascade = cfg.policy.get("cascade")
+    if cascade is not None:
+        if cascade.to_model not in models:
+            problems.append(f"policy.cascade.to_model={cascade.to_model!r} names no configured model; add the big "
+                            f"model, e.g. +model@models.{cascade.to_model}=qwen2.5-coder-1.5b-llamacpp "
+                            f"(configured: {', '.join(sorted(models))})")
+        problems += [f"policy.cascade.experts names {name!r}, which is not an expert; configured experts: "
+                     f"{', '.join(cfg.experts)}" for name in cascade.experts if name not in cfg.experts]
+        for key in ("threshold", "expected_rate"):
+            value = cascade.get(key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"policy.cascade.{key}={value!r} must be in [0, 1] (a confidence / a share)")
     problems += _limit_problems(cfg) + _path_problems(cfg) + _compiler_problems(cfg)
     if not problems:  # weights are only looked for once the config itself is sound
         problems += _weights_problems(cfg)
