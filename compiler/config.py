@@ -33,7 +33,7 @@ class FuseVariant(str, Enum):
 class CascadeConfig:
     """A cascade (the `cascade` pass): each sub-query of `experts` (empty: every expert not already on `to_model`)
     is answered by its expert's model first, and again on `to_model` only when that draft's confidence is below
-    `threshold` (a choice: the first-token probability margin of the best option letter; text: exp(mean token
+    `threshold` (0: never; above 1: always; a choice: the first-token probability margin of the best option letter; text: exp(mean token
     log-prob); both in [0, 1]). `expected_rate`: the share of parts the cost model expects to escalate (measured
     by experiments/bench_cascade.py; None: `threshold`, the rate if confidences were uniform on [0, 1]). Memory
     is planned for every escalation: both models' residency is in the plan whatever the drafts say."""
@@ -48,8 +48,9 @@ class CascadeConfig:
         return self.threshold if self.expected_rate is None else self.expected_rate
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"cascade.threshold must be in [0, 1] (a confidence), got {self.threshold!r}")
+        if not self.threshold >= 0.0:
+            raise ConfigError(f"cascade.threshold must be >= 0 (a confidence in [0, 1]; 0 never escalates, above 1 "
+                              f"always), got {self.threshold!r}")
         if self.expected_rate is not None and not 0.0 <= self.expected_rate <= 1.0:
             raise ConfigError(f"cascade.expected_rate must be in [0, 1] or null, got {self.expected_rate!r}")
         if not self.to_model:

@@ -72,10 +72,11 @@ def _check(cfg: Any) -> None:
                             f"(configured: {', '.join(sorted(models))})")
         problems += [f"policy.cascade.experts names {name!r}, which is not an expert; configured experts: "
                      f"{', '.join(cfg.experts)}" for name in cascade.experts if name not in cfg.experts]
-        for key in ("threshold", "expected_rate"):
-            value = cascade.get(key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                problems.append(f"policy.cascade.{key}={value!r} must be in [0, 1] (a confidence / a share)")
+        if cascade.threshold < 0:
+            problems.append(f"policy.cascade.threshold={cascade.threshold!r} must be >= 0 (a confidence in [0, 1]; "
+                            "0 never escalates, above 1 always)")
+        if cascade.expected_rate is not None and not 0.0 <= cascade.expected_rate <= 1.0:
+            problems.append(f"policy.cascade.expected_rate={cascade.expected_rate!r} must be in [0, 1] (a share)")
     problems += _limit_problems(cfg) + _path_problems(cfg) + _compiler_problems(cfg)
     if not problems:  # weights are only looked for once the config itself is sound
         problems += _weights_problems(cfg)
