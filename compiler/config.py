@@ -45,7 +45,7 @@ class CascadeConfig:
 
     @property
     def rate(self) -> float:
-        return self.threshold if self.expected_rate is None else self.expected_rate
+        return min(1.0, self.threshold) if self.expected_rate is None else self.expected_rate
 
     def validate(self) -> None:
         if not self.threshold >= 0.0:
