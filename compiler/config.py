@@ -13,7 +13,7 @@ from typing import FrozenSet, List, Mapping, Optional
 from compiler.cost import CostModel
 from compiler.errors import ConfigError
 
-DEFAULT_PASSES = ("dedupe", "fuse", "cascade", "batch", "schedule", "residency")
+DEFAULT_PASSES = ("dedupe", "fuse", "batch", "schedule", "residency")
 
 
 class ResidencyPolicy(str, Enum):
@@ -83,6 +83,15 @@ class CompilerConfig:
     dump_dir: Optional[str] = None  # also write those dumps as files there
     # The `cascade` pass's policy (None: the pass changes nothing). Set from `policy.cascade` (conf/policy/cascade.yaml).
     cascade: Optional[CascadeConfig] = None
+
+    @property
+    def pipeline(self) -> List[str]:
+        """The passes to run: `passes`, with the `cascade` pass before `batch` when a cascade is configured and the
+        list does not place it itself (so policy=cascade needs no pass-list override)."""
+        passes = list(self.passes)
+        if self.cascade is not None and "cascade" not in passes:
+            passes.insert(passes.index("batch") if "batch" in passes else len(passes), "cascade")
+        return passes
 
     @property
     def planning_budget(self) -> Optional[int]:

@@ -212,6 +212,8 @@ def main() -> None:
                     help="all: every part through a cascade that escalates all (both models' answers); check: a "
                          "real cascade run at the recommended threshold on --check-n parts; report: tables")
     ap.add_argument("--check-n", type=int, default=20)
+    ap.add_argument("--start", type=int, default=0, help="phase all: begin at this chunk (a second process can take "
+                                                         "the later chunks; give it its own --out)")
     ap.add_argument("--streams", type=int, default=2, help="compiler.streams: the two models run side by side")
     ap.add_argument("--out", default=str(RESULTS / "bench_cascade.json"))
     args = ap.parse_args()
@@ -248,17 +250,20 @@ def main() -> None:
     chunks = [all_parts[i:i + args.chunk] for i in range(0, len(all_parts), args.chunk)]
     always = CascadeConfig("big", 1.01, 1.0, [])  # > any margin: every part escalates (both models answer all)
     if args.phase == "all":
-        for ps in chunks:
+        for ps in chunks[args.start:]:
             cached("escalate_all", ps, always)
         return
-    done = [ps for ps in chunks if f"escalate_all|{ps[0]['id']}|{ps[-1]['id']}|{len(ps)}" in cache]
-    runs = [cache[f"escalate_all|{ps[0]['id']}|{ps[-1]['id']}|{len(ps)}"] for ps in done]
-    evals = [p for ps in done for p in ps]
+    # every escalate-all run of any process (its own --out's cache, siblings' caches), whatever their chunking
+    runs = []
+    for path in sorted(cache_path.parent.glob(Path(args.out).stem + "*_parts.json")):
+        other = json.loads(path.read_text())
+        runs += [r for k, r in other.items() if k.startswith("escalate_all|")]
     small, big = {}, {}
     for r in runs:
         s, b = split_records(r)
         small.update(s)
         big.update(b)
+    evals = [p for p in all_parts if p["id"] in small]
     threshold = choose_threshold(small, big, evals, params)
     if args.phase == "check":
         check = evals[:args.check_n]

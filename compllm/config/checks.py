@@ -126,7 +126,7 @@ def _compiler_problems(cfg: Any) -> list[str]:
     try:
         config = OmegaConf.to_object(cfg.compiler)
         config.validate()
-        check_pipeline(config.passes, config.disabled)
+        check_pipeline(config.pipeline, config.disabled)
     except CompileError as exc:
         return [f"compiler: {exc}"]
     return []
