@@ -93,3 +93,27 @@ def test_smollm2_cascade_both_ways(pipe):
         assert mixed[nid].escalated is expect
         assert mixed[nid].answer == (always[nid].answer if expect else drafts[nid].answer)
     assert sum(mixed[nid].escalated for nid in ids) == 2
+
+
+@pytest.mark.model
+def test_hf_and_llamacpp_report_the_same_kind_of_confidence(compose, model_cache):
+    """Both in-process engines score a choice by its option letters' first-token margin and text by exp(mean token
+    log-prob): on one GGUF (hf dequantized, llama.cpp as is) they agree closely."""
+    from omegaconf import OmegaConf
+
+    from compllm.backends.base import GenerationRequest
+    from compllm.backends.pool import ModelPool
+
+    cfg = compose("model=smollm2-135m", f"cache_dir={model_cache}", "+model@models.fast=smollm2-135m-llamacpp")
+    pool = ModelPool(OmegaConf.to_container(cfg.models, resolve=True, enum_to_str=True), cache_dir=model_cache)
+    choice = GenerationRequest(({"role": "user", "content": QUESTIONS[1][2]},), 1, (), ("A", "B", "C", "D"))
+    text = GenerationRequest(({"role": "user", "content": "What is the capital of France?"},), 8)
+    hf, cpp = (pool.get(alias).generate([choice, text]) for alias in ("default", "fast"))
+    for g in (hf, cpp):
+        assert len(g[0].choice_probs) == 4 and sum(g[0].choice_probs) == pytest.approx(1.0)
+        ranked = sorted(g[0].choice_probs, reverse=True)
+        assert g[0].confidence == pytest.approx(ranked[0] - ranked[1])
+        assert 0.0 < g[1].confidence <= 1.0
+    assert hf[0].text == cpp[0].text
+    assert hf[0].confidence == pytest.approx(cpp[0].confidence, abs=0.1)
+    assert hf[1].confidence == pytest.approx(cpp[1].confidence, abs=0.15)
