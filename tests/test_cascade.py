@@ -200,3 +200,13 @@ def test_policy_config_reaches_the_compiler_and_a_missing_big_model_is_one_line(
     assert pipe.policy.name == "cascade" and "big" in pipe.model_aliases()
     with pytest.raises(ConfigError, match=r"policy.cascade.threshold=-0.1 must be >= 0"):
         check_config(compose("policy=cascade", "+model@models.big=smollm2-135m", "policy.cascade.threshold=-0.1"))
+
+
+def test_explain_lists_the_escalations():
+    from compiler.explain import explain_text
+
+    g = graph()
+    text = explain_text(g, compile(g, cost(), config(0.3, expected_rate=0.2)))
+    assert "== cascade (3 escalate nodes" in text
+    assert "  q0:2 on big: if confidence(q0:2~draft) < 0.3 (expected rate 0.2)" in text
+    assert "== cascade" not in explain_text(g, compile(g, cost(), CompilerConfig()))
