@@ -107,7 +107,8 @@ def test_hf_and_llamacpp_report_the_same_kind_of_confidence(compose, model_cache
     cfg = compose("model=smollm2-135m", f"cache_dir={model_cache}", "+model@models.fast=smollm2-135m-llamacpp")
     pool = ModelPool(OmegaConf.to_container(cfg.models, resolve=True, enum_to_str=True), cache_dir=model_cache)
     choice = GenerationRequest(({"role": "user", "content": QUESTIONS[1][2]},), 1, (), ("A", "B", "C", "D"))
-    text = GenerationRequest(({"role": "user", "content": "What is the capital of France?"},), 8)
+    # a question both engines answer with the same words (on others the Q4_1 engine writes another answer)
+    text = GenerationRequest(({"role": "user", "content": "What is 2+2?"},), 8)
     hf, cpp = (pool.get(alias).generate([choice, text]) for alias in ("default", "fast"))
     for g in (hf, cpp):
         assert len(g[0].choice_probs) == 4 and sum(g[0].choice_probs) == pytest.approx(1.0)
@@ -116,4 +117,5 @@ def test_hf_and_llamacpp_report_the_same_kind_of_confidence(compose, model_cache
         assert 0.0 < g[1].confidence <= 1.0
     assert hf[0].text == cpp[0].text
     assert hf[0].confidence == pytest.approx(cpp[0].confidence, abs=0.1)
-    assert hf[1].confidence == pytest.approx(cpp[1].confidence, abs=0.15)
+    assert hf[1].text == cpp[1].text
+    assert hf[1].confidence == pytest.approx(cpp[1].confidence, abs=0.05)
