@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -129,10 +128,12 @@ def run_system(pipe, ps: list[dict[str, Any]], model: str | None, cascade=None) 
 
 # --- statistics -----------------------------------------------------------------------------------
 def bootstrap_ci(values: list[float], reps: int = 10000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, dtype=float)
+    means = np.sort(v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1))
+    return float(means[int(0.025 * reps)]), float(means[int(0.975 * reps) - 1])
 
 
 def mcnemar_exact(a: list[int], b: list[int]) -> dict[str, Any]:
@@ -165,10 +166,10 @@ def derived(small: dict, big: dict, t: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def score(records: dict, ps: list[dict[str, Any]], params: dict[str, int]) -> dict[str, Any]:
+def score(records: dict, ps: list[dict[str, Any]], params: dict[str, int], ci: bool = True) -> dict[str, Any]:
     right = [int(records[p["id"]]["answer"] == p["gold"]) for p in ps]
     compute = [compute_of(records[p["id"]], params) for p in ps]
-    lo, hi = bootstrap_ci(right)
+    lo, hi = bootstrap_ci(right) if ci else (math.nan, math.nan)
     esc = [r.get("escalated") for r in records.values() if r.get("escalated") is not None]
     return {"accuracy": round(sum(right) / len(right), 4), "ci95": [round(lo, 4), round(hi, 4)],
             "param_compute_per_part": statistics.mean(compute), "right": right,
@@ -178,10 +179,10 @@ def score(records: dict, ps: list[dict[str, Any]], params: dict[str, int]) -> di
 def choose_threshold(small: dict, big: dict, ps: list[dict[str, Any]], params: dict[str, int]) -> float:
     """The cheapest threshold within TARGET_POINTS of `big` on `ps`; else the most accurate one at >= TARGET_RATIO
     less compute; else the most accurate one."""
-    big_s = score(big, ps, params)
+    big_s = score(big, ps, params, ci=False)
     rows = []
     for t in THRESHOLDS:
-        s = score(derived(small, big, t), ps, params)
+        s = score(derived(small, big, t), ps, params, ci=False)
         rows.append((t, s["accuracy"], big_s["param_compute_per_part"] / s["param_compute_per_part"]))
     close = [r for r in rows if (big_s["accuracy"] - r[1]) * 100 <= TARGET_POINTS]
     cheap = [r for r in rows if r[2] >= TARGET_RATIO]
@@ -320,6 +321,27 @@ def report(args, evals, small, big, runs, threshold, params, checks) -> None:
                       "drafts_equal": sum(1 for p in pids if run["parts"][p]["draft_answer"] == small[p]["answer"]),
                       "escalated": sum(1 for p in pids if run["parts"][p]["escalated"])})
     wall = sum(r["wall_s"] for r in runs)
+    # what limits the cascade: does the draft's margin separate its right answers from its wrong ones?
+    conf = [(small[p["id"]]["confidence"], small[p["id"]]["answer"] == p["gold"]) for p in evals]
+    pos, neg = [c for c, ok in conf if ok], [c for c, ok in conf if not ok]
+    auroc = (sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))) if pos and neg else None
+    ordered = sorted(conf)
+    half = len(ordered) // 2
+    oracle = {p["id"]: {"answer": big[p["id"]]["answer"] if small[p["id"]]["answer"] != p["gold"] else p["gold"],
+                        "escalated": small[p["id"]]["answer"] != p["gold"],
+                        "calls": small[p["id"]]["calls"] + (big[p["id"]]["calls"]
+                                                            if small[p["id"]]["answer"] != p["gold"] else [])}
+              for p in evals}
+    s_oracle = score(oracle, evals, params, ci=False)
+    limits = {"draft_margin_auroc": None if auroc is None else round(auroc, 3),
+              "draft_accuracy_low_margin_half": round(sum(ok for _, ok in ordered[:half]) / max(half, 1), 3),
+              "draft_accuracy_high_margin_half": round(sum(ok for _, ok in ordered[half:]) / max(len(ordered) - half, 1), 3),
+              "draft_margin_median": round(statistics.median(c for c, _ in conf), 4),
+              "oracle_escalation": {"accuracy": s_oracle["accuracy"], "escalation_rate": s_oracle["escalation_rate"],
+                                    "compute_ratio": round(s_big["param_compute_per_part"]
+                                                           / s_oracle["param_compute_per_part"], 3),
+                                    "what": "escalate exactly the drafts that are wrong (an upper bound no "
+                                            "confidence score can beat)"}}
     out = {
         "command": command,
         "setup": {"parts": "meqa_p gold parts (MMLU choice questions, each on its gold domain expert; no planner, "
@@ -341,6 +363,7 @@ def report(args, evals, small, big, runs, threshold, params, checks) -> None:
                     system(f"cascade, cross-fitted thresholds {picks}", s_cf, "derived, cross-fitted")],
         "sweep": sweep,
         "check_real_cascade_run": check,
+        "limits": limits,
         "summary": {"n_parts": len(evals), "threshold": threshold,
                     "cascade_vs_mono15_points": round((s_at["accuracy"] - s_big["accuracy"]) * 100, 1),
                     "cascade_compute_ratio": round(s_big["param_compute_per_part"] / s_at["param_compute_per_part"], 3),
@@ -349,6 +372,11 @@ def report(args, evals, small, big, runs, threshold, params, checks) -> None:
                     "cascade_compute_ratio_cross_fitted": round(
                         s_big["param_compute_per_part"] / s_cf["param_compute_per_part"], 3),
                     "mono05_vs_mono15_points": round((s_small["accuracy"] - s_big["accuracy"]) * 100, 1),
+                    # the most accurate threshold that does spend >= 1.67x less than the 1.5B (the other end)
+                    "at_target_compute": max(([{k: r[k] for k in ("threshold", "vs_big_points", "compute_ratio",
+                                                                  "escalation_rate", "vs_big_diff_ci95_points")}
+                                               for r in sweep if r["compute_ratio"] >= TARGET_RATIO]),
+                                             key=lambda r: (r["vs_big_points"], r["compute_ratio"]), default=None),
                     "target_met": (s_big["accuracy"] - s_at["accuracy"]) * 100 <= TARGET_POINTS
                     and s_big["param_compute_per_part"] / s_at["param_compute_per_part"] >= TARGET_RATIO},
     }
@@ -384,7 +412,9 @@ def write_md(out: dict, path: Path) -> None:
                      f"{r['escalation_rate']} | {r['vs_big_points']:+.1f} [{r['vs_big_diff_ci95_points'][0]:+.1f}, "
                      f"{r['vs_big_diff_ci95_points'][1]:+.1f}] | {r['mcnemar_vs_big']['p_value']} | "
                      f"{r['param_compute_per_part']} | {r['compute_ratio']} |")
-    lines += ["", f"Real cascade runs (compiled plan, guards evaluated by the executor) vs the derivation: "
+    lines += ["", f"What limits the cascade (the draft's margin as a predictor of its correctness): "
+              f"`{json.dumps(out['limits'])}`", "",
+              "Real cascade runs (compiled plan, guards evaluated by the executor) vs the derivation: "
               f"`{json.dumps(out['check_real_cascade_run'])}`", "", f"Summary: `{json.dumps(out['summary'])}`", ""]
     path.write_text("\n".join(lines))
 
