@@ -196,7 +196,7 @@ def test_policy_config_reaches_the_compiler_and_a_missing_big_model_is_one_line(
     from compllm.apps.build import build_pipeline
 
     pipe = build_pipeline(cfg)
-    assert pipe.compiler_config.cascade == CascadeConfig("big", 0.3, None, [])
+    assert pipe.compiler_config.cascade == CascadeConfig("big", 0.3, 0.96, [])
     assert pipe.policy.name == "cascade" and "big" in pipe.model_aliases()
     with pytest.raises(ConfigError, match=r"policy.cascade.threshold=-0.1 must be >= 0"):
         check_config(compose("policy=cascade", "+model@models.big=smollm2-135m", "policy.cascade.threshold=-0.1"))
