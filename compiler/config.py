@@ -31,6 +31,34 @@ class FuseVariant(str, Enum):
 
 
 @dataclass
+class CascadeConfig:
+    """A cascade (the `cascade` pass): each sub-query of `experts` (empty: every expert not already on `to_model`)
+    is answered by its expert's model first, and again on `to_model` only when that draft's confidence is below
+    `threshold` (0: never; above 1: always; a choice: the first-token probability margin of the best option letter; text: exp(mean token
+    log-prob); both in [0, 1]). `expected_rate`: the share of parts the cost model expects to escalate (measured
+    by experiments/bench_cascade.py; None: `threshold`, the rate if confidences were uniform on [0, 1]). Memory
+    is planned for every escalation: both models' residency is in the plan whatever the drafts say."""
+
+    to_model: str = "big"
+    threshold: float = 0.5
+    expected_rate: Optional[float] = None
+    experts: List[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return min(1.0, self.threshold) if self.expected_rate is None else self.expected_rate
+
+    def validate(self) -> None:
+        if not self.threshold >= 0.0:
+            raise ConfigError(f"cascade.threshold must be >= 0 (a confidence in [0, 1]; 0 never escalates, above 1 "
+                              f"always), got {self.threshold!r}")
+        if self.expected_rate is not None and not 0.0 <= self.expected_rate <= 1.0:
+            raise ConfigError(f"cascade.expected_rate must be in [0, 1] or null, got {self.expected_rate!r}")
+        if not self.to_model:
+            raise ConfigError("cascade.to_model must name a model alias (e.g. big)")
+
+
+@dataclass
 class CompilerConfig:
     """Every compiler choice; every ablation is an override of one field."""
 
@@ -56,6 +84,18 @@ class CompilerConfig:
     verify: bool = True  # verify the IR after every pass (always before the first) and the plan after lowering
     dump: bool = False  # keep an IR text dump after every pass in the compile report
     dump_dir: Optional[str] = None  # also write those dumps as files there
+    # The `cascade` pass's policy (None: the pass changes nothing). Set from `policy.cascade` (conf/policy/cascade.yaml).
+    cascade: Optional[CascadeConfig] = None
+
+    @property
+    def pipeline(self) -> List[str]:
+        """The passes to run: `passes`, with the `cascade` pass before `retrieve`/`batch` when a cascade is configured and the
+        list does not place it itself (so policy=cascade needs no pass-list override)."""
+        passes = list(self.passes)
+        if self.cascade is not None and "cascade" not in passes:  # before what groups nodes: retrieve, batch
+            at = min((passes.index(p) for p in ("retrieve", "batch") if p in passes), default=len(passes))
+            passes.insert(at, "cascade")
+        return passes
 
     @property
     def planning_budget(self) -> Optional[int]:
@@ -76,6 +116,8 @@ class CompilerConfig:
             raise ConfigError(f"max_call_size must be >= 1 or None, got {self.max_call_size!r}")
         if self.max_batch_kv_bytes is not None and self.max_batch_kv_bytes <= 0:
             raise ConfigError("max_batch_kv_bytes must be positive bytes or None")
+        if self.cascade is not None:
+            self.cascade.validate()
         try:
             self.residency = ResidencyPolicy(self.residency)
             self.fuse = [FuseVariant(v) for v in self.fuse]

@@ -185,7 +185,13 @@ class CostModel:
 
     # --- lookups -------------------------------------------------------------------------------
     def model_of(self, node: Node) -> str:
-        """The model alias that runs `node` (raises the verifier's UnknownExpertError otherwise)."""
+        """The model alias that runs `node`: its own (a cascade's escalation) or its expert's (raises the verifier's
+        UnknownExpertError for an unknown expert)."""
+        if node.model:
+            if node.model not in self.models:
+                raise ConfigError(f"node {node.id!r} runs on model {node.model!r}, which the cost model does not "
+                                  f"know; known models: {', '.join(sorted(self.models))}")
+            return node.model
         alias = self.expert_model.get(node.expert)
         if alias is None:
             raise UnknownExpertError(node.id, node.expert, self.expert_model)
@@ -253,8 +259,17 @@ class CostModel:
         prompt = node.est_prompt_tokens + self.prompt_overhead_tokens + self.prefix_tokens.get(node.expert, 0)
         if graph is not None:
             nodes = graph.nodes
-            prompt += sum(self.output_tokens(nodes[p]) for p in node.parents if p in nodes)
+            guarded = node.guard.source if node.guard is not None else None  # read by the guard, not the prompt
+            prompt += sum(self.output_tokens(nodes[p]) for p in node.parents if p in nodes and p != guarded)
         return prompt, self.output_tokens(node)
+
+    @staticmethod
+    def expected_share(nodes: Sequence[Node]) -> float:
+        """The share of a call's rows expected to run: guarded (escalate) rows run with their guard's expected
+        rate, others always. Time estimates scale by it; memory never does (every row may run)."""
+        if not nodes:
+            return 1.0
+        return sum(n.guard.expected_rate if n.guard is not None else 1.0 for n in nodes) / len(nodes)
 
     def node_kv_bytes(self, node: Node, graph: Graph | None = None) -> int:
         prompt, output = self.node_tokens(node, graph)

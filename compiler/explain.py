@@ -20,6 +20,12 @@ def explain_text(before: Graph, plan: Plan) -> str:
     out += ["== plan", plan.dump()]
     if plan.devices:  # on a cluster: where each model lives and what each device runs
         out += ["== placement", plan.placement_text()]
+    guarded = [n for n in plan.graph if n.guard is not None] if plan.graph is not None else []
+    if guarded:  # a cascade: which parts may escalate, to which model, on what condition
+        out += [f"== cascade ({len(guarded)} escalate nodes; each runs only when its guard holds, else it takes the "
+                "draft's answer)"]
+        out += [f"  {n.id} on {n.model}: if {n.guard.describe()} (expected rate {n.guard.expected_rate:g})"
+                for n in guarded]
     budget = "unlimited" if plan.memory_budget is None else _gib(plan.memory_budget)
     calls = plan.count(StepKind.GENERATE)
     hosts = plan.count(StepKind.HOST)

@@ -22,6 +22,9 @@ class NodeKind(str, Enum):
     SUBQUERY = "subquery"
     AGGREGATE = "aggregate"
     RETRIEVE = "retrieve"  # reads a knowledge source; its answer is passages (AnswerType.PASSAGES), no LLM call
+    # A cascade's second try: the same question on a bigger model, run only when its `guard` holds (the draft
+    # it reads was unsure); otherwise its answer is the draft's. Made by the `cascade` pass.
+    ESCALATE = "escalate"
 
 
 class HostOp(str, Enum):
@@ -58,6 +61,25 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """A planned condition on a node's execution: run it only when the `source` node (a parent) answered with a
+    confidence below `threshold`, or failed, or its engine reported no confidence. Otherwise the node takes the
+    source's answer as its own. The compiler sets it; the runtime only evaluates `escalates`.
+    `expected_rate`: the share of such nodes the compiler expects to run (the cost model's estimate; memory is
+    always planned for all of them)."""
+
+    source: str
+    threshold: float
+    expected_rate: float = 1.0
+
+    def escalates(self, ok: bool, confidence: float | None) -> bool:
+        return not ok or confidence is None or confidence < self.threshold
+
+    def describe(self) -> str:
+        return f"confidence({self.source}) < {self.threshold:g}"
+
+
+@dataclass(frozen=True)
 class Node:
     id: str
     kind: NodeKind
@@ -79,6 +101,11 @@ class Node:
     # Set when the graph is built: the node is answered on the host, without a model call (e.g. a query's
     # final answer that is its parts' answers joined). Passes never batch it; lowering emits a host step.
     host: HostOp | None = None
+    # The model alias that runs the node when it is not its expert's own (a cascade escalates an expert's question
+    # to a bigger model under the same system prompt); "" = the expert's model.
+    model: str = ""
+    # Set by the `cascade` pass on ESCALATE nodes: the node runs only when the guard holds (see Guard).
+    guard: Guard | None = None
 
     @property
     def needs_model(self) -> bool:
@@ -161,6 +188,8 @@ class Graph:
                 + (f" fused_from({', '.join(n.fused_from)})" if n.fused_from else "")
                 + (f" part_of({n.part_of})" if n.part_of else "")
                 + (f" host({n.host.value})" if n.host else "")
+                + (f" model={n.model}" if n.model else "")
+                + (f" guard({n.guard.describe()}, expected {n.guard.expected_rate:g})" if n.guard else "")
                 + f": {n.template!r}"
             )
         return "\n".join(lines)

@@ -26,7 +26,7 @@ class OnlineCompiler:
         self.cost = cost
         self.config = config if config is not None else CompilerConfig()
         self.config.validate()
-        self.manager = PassManager(self.config.passes, self.config.disabled, verify_each=self.config.verify)
+        self.manager = PassManager(self.config.pipeline, self.config.disabled, verify_each=self.config.verify)
         self.graph = Graph()  # every node admitted so far, as compiled (deduped nodes removed, fused ones merged)
         self.lowering = Lowering()
         self.lowering.reserved.update({m: 0 for m in resident if m in cost.models})

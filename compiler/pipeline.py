@@ -47,7 +47,7 @@ def compile(graph: Graph, cost_model: CostModel, config: Optional[CompilerConfig
         resident = ()  # nothing is loaded on a cluster's devices before its first plan
     ctx = PassContext.for_cost(cost_model, config, {m: 0 for m in resident if m in cost_model.models},
                                cluster=cluster)
-    manager = PassManager(config.passes, config.disabled, config.dump_dir, dump=config.dump,
+    manager = PassManager(config.pipeline, config.disabled, config.dump_dir, dump=config.dump,
                           verify_each=config.verify)
     with _cyclic_gc_paused():
         compiled = manager.run(graph, ctx)

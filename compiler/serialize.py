@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from compiler.ir import AnswerType, Graph, HostOp, Node, NodeKind, Provenance, Query
+from compiler.ir import AnswerType, Graph, Guard, HostOp, Node, NodeKind, Provenance, Query
 
 
 def node_to_dict(node: Node) -> dict[str, Any]:
@@ -34,6 +34,11 @@ def node_to_dict(node: Node) -> dict[str, Any]:
         out["part_of"] = node.part_of
     if node.host is not None:
         out["host"] = node.host.value
+    if node.model:
+        out["model"] = node.model
+    if node.guard is not None:
+        g = node.guard
+        out["guard"] = {"source": g.source, "threshold": g.threshold, "expected_rate": g.expected_rate}
     return out
 
 
@@ -54,6 +59,8 @@ def node_from_dict(data: Mapping[str, Any]) -> Node:
         fused_from=tuple(data.get("fused_from", ())),
         part_of=data.get("part_of"),
         host=HostOp(data["host"]) if data.get("host") else None,
+        model=data.get("model", ""),
+        guard=Guard(**data["guard"]) if data.get("guard") else None,
     )
 
 

@@ -49,6 +49,10 @@ class SinkError(GraphError):
     pass
 
 
+class GuardError(GraphError):
+    """An escalate node without a guard, or a guard that does not read one of the node's parents."""
+
+
 class FusionError(GraphError):
     """A part node (`Node.part_of`) that is not bound to the fused node answering for it."""
 
@@ -61,6 +65,7 @@ def verify(graph: Graph, known_experts: Iterable[str] | None = None) -> None:
         _check_experts(graph, set(known_experts))
     _check_answer_types(graph)
     _check_parts(graph)
+    _check_guards(graph)
     _check_sinks(graph)
 
 
@@ -120,6 +125,20 @@ def _check_parts(graph: Graph) -> None:
             raise FusionError(f"node {node.id!r} is a part of {node.part_of!r}, which does not answer for it")
         if node.parents != (fused.id,) or node.kind is not NodeKind.SUBQUERY:
             raise FusionError(f"part node {node.id!r} must be a sub-query reading only {fused.id!r}")
+
+
+def _check_guards(graph: Graph) -> None:
+    for node in graph:
+        if (node.kind is NodeKind.ESCALATE) != (node.guard is not None):
+            raise GuardError(f"node {node.id!r}: an escalate node needs a guard and only escalate nodes have one "
+                             f"(kind {node.kind.value}, guard {node.guard})")
+        if node.guard is None:
+            continue
+        if node.guard.source not in node.parents:
+            raise GuardError(f"node {node.id!r}: its guard reads {node.guard.source!r}, which is not one of its "
+                             f"parents {list(node.parents)}")
+        if not 0.0 <= node.guard.expected_rate <= 1.0:
+            raise GuardError(f"node {node.id!r}: guard expected_rate {node.guard.expected_rate} is not in [0, 1]")
 
 
 def _check_sinks(graph: Graph) -> None:

@@ -65,7 +65,14 @@ class Pipeline:
 
     def model_aliases(self) -> list[str]:
         used = [self.decomposer.model, self.aggregator.model, *(e.model for e in self.experts.values())]
+        if self.compiler_config.cascade is not None:  # escalations run there: planned, so calibrated and loaded
+            used.append(self.compiler_config.cascade.to_model)
         return list(dict.fromkeys(used))
+
+    def cascade_models(self) -> list[str]:
+        """The model a planned cascade escalates to (none without a cascade)."""
+        cascade = self.compiler_config.cascade
+        return [] if cascade is None else [cascade.to_model]
 
     def expert_models(self) -> dict[str, str]:
         """Expert -> model alias, the aggregator included: the one mapping the compiler plans with."""
@@ -79,7 +86,7 @@ class Pipeline:
             self.router.fit(self.experts)
         with self._stage("calibrate"):
             self.cost = build_cost_model(self.pool, self.expert_models(), self.cache_dir, self.auto_calibrate,
-                                         self.show_progress, also=[self.decomposer.model])
+                                         self.show_progress, also=[self.decomposer.model, *self.cascade_models()])
             prompts = {name: (e.model, e.system_prompt) for name, e in self.experts.items()}
             prompts[AGGREGATOR] = (self.aggregator.model, self.aggregator.system_prompt)
             self.cost = with_engines(self.cost, self.pool, prompts)

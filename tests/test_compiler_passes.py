@@ -282,7 +282,7 @@ def test_pass_manager_times_dumps_and_disables(tmp_path):
 
 
 def test_unknown_pass_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown compiler pass 'dedup'; known: batch, dedupe"):
+    with pytest.raises(ConfigError, match="unknown compiler pass 'dedup'; known: batch, cascade, dedupe"):
         PassManager(["dedup"])
     with pytest.raises(ConfigError, match="unknown compiler pass 'nope'"):
         check_pipeline(["dedupe"], ["nope"])

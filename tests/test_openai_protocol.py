@@ -138,3 +138,26 @@ def test_a_missing_api_key_variable_is_named(server, monkeypatch):
     monkeypatch.delenv("COMPLLM_TEST_KEY", raising=False)
     with pytest.raises(BackendError, match="COMPLLM_TEST_KEY is not set"):
         model(url, api_key_env="COMPLLM_TEST_KEY")
+
+
+def test_confidence_from_the_servers_logprobs(server):
+    """A choice: the margin among the option letters' probabilities (a letter outside the top log-probs counts as
+    0); text: exp(mean token log-prob) when the server returns log-probs, None when it does not."""
+    import math
+
+    script, url = server
+    script.replies = [(200, CHOICE)]
+    (gen,) = model(url).generate([ask("Which? (A) x (B) y (C) z", "ABC")])
+    pb, pc = math.exp(-0.9), math.exp(-0.4)
+    assert gen.choice_probs == pytest.approx((0.0, pb / (pb + pc), pc / (pb + pc)))
+    assert gen.confidence == pytest.approx((pc - pb) / (pb + pc))
+    text = {**OK, "choices": [{**OK["choices"][0], "logprobs": {"content": [
+        {"token": "Par", "logprob": -0.2, "bytes": None, "top_logprobs": []},
+        {"token": "is", "logprob": -0.4, "bytes": None, "top_logprobs": []}]}}]}
+    script.replies = [(200, text)]
+    (gen,) = model(url).generate([ask("Capital of France?", "")])
+    assert gen.text == "Paris" and gen.confidence == pytest.approx(math.exp(-0.3))
+    assert script.seen[-1]["logprobs"] is True
+    script.replies = [(200, OK)]
+    (gen,) = model(url, logprobs=False).generate([ask("Capital of France?", "")])
+    assert gen.confidence is None and "logprobs" not in script.seen[-1]

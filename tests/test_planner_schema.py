@@ -93,6 +93,7 @@ def test_decoding_is_recorded_for_each_path():
 class _Server:
     json_schema = True
     model = "m"
+    logprobs = False
 
 
 def test_openai_backend_sends_the_schema_as_response_format_only_where_the_server_enforces_it():

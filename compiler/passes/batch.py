@@ -94,14 +94,16 @@ def make_batches(graph: Graph, ctx: PassContext, max_size: int, call_size: Optio
         def close() -> None:
             slots = min(live_cap, len(members))
             together = cost.batch_seconds(model, tokens, slots)
+            # guarded (cascade) rows: time expected at their escalation rate; bytes planned for all of them
+            share = cost.expected_share([graph.nodes[n] for n in members])
             if len(members) > 1 and together > sum(cost.batch_seconds(model, [t]) for t in tokens):
                 # the measured kernels make this batch size slower than its calls one by one: don't batch
                 for nid, t in zip(members, tokens):
                     batches.append(Batch(len(batches), model, level, (nid,), cost.batch_bytes(model, [t]),
-                                         cost.batch_seconds(model, [t])))
+                                         cost.batch_seconds(model, [t]) * cost.expected_share([graph.nodes[nid]])))
             elif members:
                 batches.append(Batch(len(batches), model, level, tuple(members),
-                                     cost.batch_bytes(model, tokens, slots), together,
+                                     cost.batch_bytes(model, tokens, slots), together * share,
                                      slots if slots < len(members) else 0))
 
         for nid in sorted(groups[(level, model)], key=lambda n: tokens_of[n][0]):  # stable

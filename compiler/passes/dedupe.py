@@ -9,6 +9,8 @@ in `annotations["aliases"]` (removed -> kept) so the runtime can report every or
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from compiler.config import PassContext
 from compiler.ir import REFERENCE, Graph, NodeKind
 from compiler.levels import topo_order
@@ -43,6 +45,8 @@ def dedupe(graph: Graph, ctx: PassContext) -> Graph:
             continue
         if any(p in kept_for for p in node.inputs.values()):
             node = node.with_(inputs={label: kept_for.get(p, p) for label, p in node.inputs.items()})
+            if node.guard is not None and node.guard.source in kept_for:  # the guard reads the kept twin too
+                node = node.with_(guard=replace(node.guard, source=kept_for[node.guard.source]))
         out.nodes[nid] = node
     aliases = {old: kept_for.get(new, new) for old, new in graph.annotations.get("aliases", {}).items()}
     aliases.update(kept_for)

@@ -13,6 +13,9 @@ from compllm.pipeline import Pipeline
 
 def build_pipeline(cfg: DictConfig) -> Pipeline:
     check_config(cfg)
+    compiler_config = OmegaConf.to_object(cfg.compiler)
+    if cfg.policy.get("cascade") is not None:  # the compiler's to plan (a cascade pass), not the executor's
+        compiler_config.cascade = OmegaConf.to_object(cfg.policy.cascade)
     return Pipeline(
         pool=ModelPool(OmegaConf.to_container(cfg.models, resolve=True, enum_to_str=True), cache_dir=cfg.cache_dir),
         experts=experts_from_config(cfg.experts),
@@ -21,7 +24,7 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
         aggregator=OmegaConf.to_object(cfg.aggregator),
         policy=build_policy(cfg),
         max_answer_chars=cfg.max_answer_chars,
-        compiler_config=OmegaConf.to_object(cfg.compiler),
+        compiler_config=compiler_config,
         cluster=OmegaConf.to_object(cfg.cluster),
         cache_dir=cfg.cache_dir,
         retry=OmegaConf.to_object(cfg.retry),
@@ -32,7 +35,9 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
 
 def build_policy(cfg: DictConfig):
     """The policy's executor; on `cluster=ray` the same policy (name, barrier) run by the Ray executor."""
-    policy = instantiate(cfg.policy)
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    policy_cfg.pop("cascade", None)  # planned by the compiler (build_pipeline), not the executor's
+    policy = instantiate(policy_cfg)
     cluster = cfg.get("cluster")
     if cluster is None or str(getattr(cluster.executor, "value", cluster.executor)) != "ray":
         return policy

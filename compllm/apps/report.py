@@ -41,6 +41,8 @@ def print_result(result: RunResult) -> None:
                 continue
             body = node.answer if node.ok else f"({node.status}: {node.error})"
             print(f"  #{sq['index']} ({node.expert}, {node.output_tokens} tok, {node.end - node.start:.1f}s):")
+            if node.escalated is not None:  # a cascade's escalate node: which model's answer this is, and why
+                print(f"      [cascade on {node.model}] {node.note}")
             print(_wrap(body, "      "))
         print("--- final answer" + (" (partial)" if q.partial else ""))
         for line in q.final_answer.splitlines():

@@ -1,6 +1,7 @@
 """The one interface every engine implements: a batch of chat requests in, texts and token counts out."""
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -34,6 +35,12 @@ class Generation:
     batch_size: int = 1
     cached_tokens: int = 0  # prompt tokens not computed for this call: their KV came from a cached shared prefix
     constrained: bool = False  # the request's json_schema was enforced while decoding (not merely asked for)
+    # How sure the model was of this answer, in [0, 1] (None: the engine cannot tell). A `choices` answer: the
+    # probability margin of the best option letter over the runner-up at the first answer token (the letters'
+    # probabilities renormalised among themselves, in `choice_probs`, aligned with `request.choices`). Text:
+    # exp(mean token log-prob) of the greedy answer (see `text_confidence`). A cascade's guard reads it.
+    confidence: Optional[float] = None
+    choice_probs: tuple[float, ...] = ()
 
 
 @dataclass
@@ -81,3 +88,27 @@ class GenerationCancelled(BackendError):
 
 class BackendOutOfMemory(BackendError, MemoryError):
     """The device ran out of memory during a call (retried as the `oom` fault)."""
+
+
+def choice_confidence(logits: Sequence[float]) -> tuple[float, tuple[float, ...]]:
+    """(margin, probabilities) of option letters from their first-token logits: softmax over the letters only
+    (the mass the model puts elsewhere says nothing about which letter it prefers), then best minus runner-up.
+    A margin near 0 is a coin toss between two letters; near 1, one letter takes all the mass."""
+    if not logits:
+        return 0.0, ()
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    total = sum(weights)
+    probs = tuple(w / total for w in weights)
+    ranked = sorted(probs, reverse=True)
+    return ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0), probs
+
+
+def text_confidence(token_logprobs: Sequence[float]) -> Optional[float]:
+    """exp(mean log-prob) of the answer's tokens: the geometric-mean probability of a greedy token. Chosen because
+    it is length-normalised (a long answer is not less sure per token), is what every engine can report (token
+    log-probs: hf and llama.cpp from logits, OpenAI servers with `logprobs`), and lies in [0, 1] like the choice
+    margin, so one threshold knob reads both. None for an empty answer."""
+    if not token_logprobs:
+        return None
+    return math.exp(sum(token_logprobs) / len(token_logprobs))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from compiler.cost import admit_rows
-from compllm.backends.base import (BackendError, BackendOutOfMemory, Generation, GenerationCancelled,
+from compllm.backends.base import (BackendError, choice_confidence, text_confidence, BackendOutOfMemory, Generation, GenerationCancelled,
                                    GenerationRequest, ModelStats, OnText)
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,13 @@ class HFModel:
         self._engine.run(call)
         seconds = time.perf_counter() - start
         results = []
-        for request, ids, finished, n_prompt in zip(requests, call.tokens, call.finished, call.prompt_tokens):
+        for request, ids, finished, n_prompt, logprobs, choice in zip(requests, call.tokens, call.finished,
+                                                                     call.prompt_tokens, call.logprobs, call.choice):
             text, stopped = _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.stop)
+            confidence, probs = choice if choice is not None else (text_confidence(logprobs), ())
             results.append(Generation(text=text.strip(), prompt_tokens=n_prompt, output_tokens=len(ids),
                                       seconds=seconds, finish_reason="stop" if (finished or stopped) else "length",
-                                      batch_size=len(requests)))
+                                      batch_size=len(requests), confidence=confidence, choice_probs=probs))
         with self._lock:
             self.stats.prompt_tokens += sum(call.prompt_tokens)
             self.stats.output_tokens += sum(map(len, call.tokens))
@@ -196,6 +198,8 @@ class _Call:
     tokens: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)  # each row's greedy tokens' log-probs
+    choice: list[tuple[float, tuple[float, ...]] | None] = field(default_factory=list)  # (margin, probs) per row
     left: int = 0  # rows not done
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -204,6 +208,7 @@ class _Call:
         n = len(self.requests)
         self.pending, self.tokens = list(range(n)), [[] for _ in range(n)]
         self.finished, self.prompt_tokens, self.left = [False] * n, [0] * n, n
+        self.logprobs, self.choice = [[] for _ in range(n)], [None] * n
 
 
 class _Engine:
@@ -295,9 +300,12 @@ class _Engine:
         if batch is None:
             return None
         chosen = batch.logits.argmax(-1)
+        # log-prob of each row's greedy token (answer confidence): its logit less the row's log-sum-exp
+        logprobs = (batch.logits.gather(-1, chosen[:, None])[:, 0].float()
+                    - torch.logsumexp(batch.logits.float(), -1)).tolist()
         keep = []
         for j, (call, row) in enumerate(batch.rows):
-            if self._advance(call, row, int(chosen[j]), batch.logits[j]):
+            if self._advance(call, row, int(chosen[j]), batch.logits[j], logprobs[j]):
                 keep.append(j)
             else:
                 call.live -= 1
@@ -314,18 +322,21 @@ class _Engine:
         model._timed("decode", started, len(batch.rows))
         return batch
 
-    def _advance(self, call: _Call, row: int, token: int, logits) -> bool:
-        """Apply one chosen token to a row; False when the row is done."""
+    def _advance(self, call: _Call, row: int, token: int, logits, logprob: float) -> bool:
+        """Apply one chosen token (greedy, with its log-prob) to a row; False when the row is done."""
         model, request, tokens = self.model, call.requests[row], call.tokens[row]
         if request.choices and not tokens:  # a `choice` answer: the best option letter, then done
             allowed = model._choice_token_ids(request.choices)
-            tokens.append(allowed[int(logits[allowed].argmax())])
+            scores = logits[allowed].float()
+            tokens.append(allowed[int(scores.argmax())])
+            call.choice[row] = choice_confidence(scores.tolist())
             call.finished[row] = True
             return False
         if token in model._eos_ids:
             call.finished[row] = True
             return False
         tokens.append(token)
+        call.logprobs[row].append(logprob)
         if call.on_text is not None:
             call.on_text(row, model.tokenizer.decode(tokens, skip_special_tokens=True))
         if request.stop and _cut_at_stop(model.tokenizer.decode(tokens[-32:]), request.stop)[1]:

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from compiler.cost import admit_rows
-from compllm.backends.base import (BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats,
+from compllm.backends.base import (BackendError, choice_confidence, text_confidence, Generation, GenerationCancelled, GenerationRequest, ModelStats,
                                    OnText)
 from compllm.backends.prefixes import PrefixStore, common_prefix, shared_groups
 
@@ -168,7 +168,7 @@ def _free(llama_cpp, handles: dict) -> None:
 
 class _Row:
     __slots__ = ("index", "request", "ids", "seq", "pos", "reused", "cached", "tokens", "finished", "next", "pick",
-                 "cells", "entry", "grammar")
+                 "cells", "entry", "grammar", "next_logprob", "logprobs", "choice")
 
     def __init__(self, index: int, request: GenerationRequest, ids: list[int]):
         self.index, self.request, self.ids = index, request, ids
@@ -183,6 +183,9 @@ class _Row:
         self.pick: int | None = None  # a choice row's best option token
         self.cells = 0  # KV cells reserved for this row's worst case beyond what it reuses
         self.grammar = None  # llama_sampler_p of the row's json_schema, if it has one
+        self.next_logprob = 0.0  # log-prob of `next` under the last logits
+        self.logprobs: list[float] = []  # of the answer tokens taken (confidence)
+        self.choice: tuple[float, tuple[float, ...]] | None = None  # a choice row: (margin, option probabilities)
 
     @property
     def needs(self) -> int:
@@ -421,10 +424,12 @@ class LlamaCppModel:
         results = []
         for row in rows:
             text, stopped = _cut_at_stop(self.detokenize(row.tokens), row.request.stop)
+            confidence, probs = row.choice if row.choice is not None else (text_confidence(row.logprobs), ())
             results.append(Generation(text=text.strip(), prompt_tokens=len(row.ids), output_tokens=len(row.tokens),
                                       seconds=seconds, finish_reason="stop" if (row.finished or stopped) else "length",
                                       batch_size=len(requests), cached_tokens=row.cached,
-                                      constrained=bool(row.request.json_schema and not row.request.choices)))
+                                      constrained=bool(row.request.json_schema and not row.request.choices),
+                                      confidence=confidence, choice_probs=probs))
             self.stats.prompt_tokens += len(row.ids)
             self.stats.output_tokens += len(row.tokens)
         self.stats.extra["prefill_tokens_computed"] += computed
@@ -456,6 +461,7 @@ class LlamaCppModel:
                     row.finished = True
                 else:
                     row.tokens.append(row.next)
+                    row.logprobs.append(row.next_logprob)
                     if on_text is not None:
                         on_text(row.index, self.detokenize(row.tokens))
                     if request.stop and _cut_at_stop(self.detokenize(row.tokens[-32:]), request.stop)[1]:
@@ -584,9 +590,11 @@ class LlamaCppModel:
             for row, i in outputs:
                 out = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
                 row.next = int(out.argmax()) if row.grammar is None else self._constrained_pick(row.grammar, out)
+                row.next_logprob = float(out[row.next]) - float(np.log(np.exp(out - out.max()).sum()) + out.max())
                 if row.request.choices and not row.tokens:
                     allowed = self._choice_token_ids(row.request.choices)
                     row.pick = allowed[int(out[allowed].argmax())]
+                    row.choice = choice_confidence([float(out[a]) for a in allowed])
             n, outputs = 0, []
 
         for row, tokens in items:

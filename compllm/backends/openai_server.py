@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import MISSING
 
-from compllm.backends.base import (BackendError, Generation, GenerationCancelled, GenerationRequest, ModelStats,
+from compllm.backends.base import (BackendError, choice_confidence, text_confidence, Generation, GenerationCancelled, GenerationRequest, ModelStats,
                                    OnText)
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ class OpenAIServerModel:
         start = time.perf_counter()
         results = self._run(self._batch(list(requests), slots, on_text), cancel)
         seconds = time.perf_counter() - start
-        out = [Generation(text, p, o, seconds, finish, len(requests), constrained=self._constrains(r))
-               for r, (text, p, o, finish) in zip(requests, results)]
+        out = [Generation(text, p, o, seconds, finish, len(requests), constrained=self._constrains(r),
+                          confidence=conf, choice_probs=probs)
+               for r, (text, p, o, finish, conf, probs) in zip(requests, results)]
         self.stats.calls += 1
         self.stats.prompt_tokens += sum(g.prompt_tokens for g in out)
         self.stats.output_tokens += sum(g.output_tokens for g in out)
@@ -124,7 +125,7 @@ class OpenAIServerModel:
             raise GenerationCancelled(f"model {self.alias!r}: call cancelled") from None
 
     async def _batch(self, requests: list[GenerationRequest], slots: int,
-                     on_text: OnText | None) -> list[tuple[str, int, int, str]]:
+                     on_text: OnText | None) -> list[tuple]:
         gate = asyncio.Semaphore(slots)
 
         async def one(i: int, request: GenerationRequest):
@@ -154,11 +155,14 @@ class OpenAIServerModel:
                                                          "schema": json.loads(request.json_schema)}}
         if request.stop:
             kwargs["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4 stop strings
+        if self.server.logprobs:  # the answer tokens' log-probs: the answer's confidence (a cascade reads it)
+            kwargs["logprobs"] = True
         return kwargs
 
-    async def _streamed(self, request: GenerationRequest, on_text) -> tuple[str, int, int, str]:
+    async def _streamed(self, request: GenerationRequest, on_text) -> tuple:
         """A streamed reply: the text so far after every chunk; token counts from the final usage chunk, if any."""
         text, finish, prompt, output = "", "stop", 0, 0
+        logprobs: list[float] = []
         try:
             stream = await self._client.chat.completions.create(**self._kwargs(request), stream=True,
                                                                  stream_options={"include_usage": True})
@@ -169,13 +173,14 @@ class OpenAIServerModel:
                     if choice.delta is not None and choice.delta.content:
                         text += choice.delta.content
                         on_text(text)
+                    logprobs += _token_logprobs(choice)
                     if choice.finish_reason:
                         finish = "length" if choice.finish_reason == "length" else "stop"
         except Exception as exc:  # noqa: BLE001 - classified into a backend fault with the alias and URL
             raise self._fault(exc) from exc
-        return text.strip(), prompt, output, finish
+        return text.strip(), prompt, output, finish, text_confidence(logprobs), ()
 
-    async def _one(self, request: GenerationRequest) -> tuple[str, int, int, str]:
+    async def _one(self, request: GenerationRequest) -> tuple:
         kwargs = self._kwargs(request)
         if request.choices:
             kwargs.pop("stop", None)
@@ -191,12 +196,16 @@ class OpenAIServerModel:
         prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
         output = int(getattr(usage, "completion_tokens", 0) or 0)
         if request.choices:
-            return self._letter(choice, request.choices), prompt, 1, "stop"
+            letter, confidence, probs = self._letter(choice, request.choices)
+            return letter, prompt, 1, "stop", confidence, probs
         text = (choice.message.content or "") if choice.message is not None else ""
-        return text.strip(), prompt, output, "length" if choice.finish_reason == "length" else "stop"
+        return (text.strip(), prompt, output, "length" if choice.finish_reason == "length" else "stop",
+                text_confidence(_token_logprobs(choice)), ())
 
-    def _letter(self, choice: Any, options: Sequence[str]) -> str:
-        """The option letter the model ranks highest at its first answer token."""
+    def _letter(self, choice: Any, options: Sequence[str]) -> tuple[str, float | None, tuple[float, ...]]:
+        """The option letter the model ranks highest at its first answer token, with the letters' margin and
+        probabilities (a letter outside the server's top log-probs counts as probability 0); from the text
+        alone (no log-probs) the confidence is unknown (None)."""
         content = getattr(getattr(choice, "logprobs", None), "content", None) or []
         if content:
             scores = {}
@@ -205,10 +214,11 @@ class OpenAIServerModel:
                 if letter in options and letter not in scores:
                     scores[letter] = alt.logprob
             if scores:
-                return max(scores, key=scores.get)
+                margin, probs = choice_confidence([scores.get(o, -1e9) for o in options])
+                return max(scores, key=scores.get), margin, probs
         said = ((choice.message.content or "") if choice.message is not None else "").strip()[:1]
         if said in options:
-            return said
+            return said, None, ()
         raise BackendError(f"model {self.alias!r} at {self.server.base_url}: no option letter ({', '.join(options)}) among the first token's "
                            f"{'top log-probabilities' if content else 'text'} ({said!r})")
 
@@ -228,6 +238,12 @@ class OpenAIServerModel:
         if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
             return BackendError(f"{where}: malformed response ({type(exc).__name__}: {str(exc)[:200]})")
         return BackendError(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _token_logprobs(choice: Any) -> list[float]:
+    """The log-probs of a reply's (or a streamed chunk's) tokens, when the server returned them."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None) or []
+    return [float(t.logprob) for t in content if getattr(t, "logprob", None) is not None]
 
 
 def _first_choice(response: Any, where: str) -> Any:

@@ -66,6 +66,19 @@ def _check(cfg: Any) -> None:
         problems.append(
             f"router.fallback_expert={fallback!r} is not an expert; configured experts: {', '.join(cfg.experts)}"
         )
+    cascade = cfg.policy.get("cascade")
+    if cascade is not None:
+        if cascade.to_model not in models:
+            problems.append(f"policy.cascade.to_model={cascade.to_model!r} names no configured model; add the big "
+                            f"model, e.g. +model@models.{cascade.to_model}=qwen2.5-coder-1.5b-llamacpp "
+                            f"(configured: {', '.join(sorted(models))})")
+        problems += [f"policy.cascade.experts names {name!r}, which is not an expert; configured experts: "
+                     f"{', '.join(cfg.experts)}" for name in cascade.experts if name not in cfg.experts]
+        if cascade.threshold < 0:
+            problems.append(f"policy.cascade.threshold={cascade.threshold!r} must be >= 0 (a confidence in [0, 1]; "
+                            "0 never escalates, above 1 always)")
+        if cascade.expected_rate is not None and not 0.0 <= cascade.expected_rate <= 1.0:
+            problems.append(f"policy.cascade.expected_rate={cascade.expected_rate!r} must be in [0, 1] (a share)")
     problems += _limit_problems(cfg) + _path_problems(cfg) + _compiler_problems(cfg)
     if not problems:  # weights are only looked for once the config itself is sound
         problems += _weights_problems(cfg)
@@ -133,7 +146,7 @@ def _compiler_problems(cfg: Any) -> list[str]:
     try:
         config = OmegaConf.to_object(cfg.compiler)
         config.validate()
-        check_pipeline(config.passes, config.disabled)
+        check_pipeline(config.pipeline, config.disabled)
     except CompileError as exc:
         return [f"compiler: {exc}"]
     return []

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from compiler.cluster import ClusterSpec
-from compiler.config import CompilerConfig
+from compiler.config import CascadeConfig, CompilerConfig
 from compllm.backends.faulty import FaultSettings
 from compllm.backends.llamacpp import LlamaCppSettings
 from compllm.backends.openai_server import ServerConfig
@@ -103,6 +103,9 @@ class PolicyConfig:
     _target_: str = "compllm.runtime.executor.PlanExecutor"
     name: str = MISSING
     barrier: bool = False  # run plan steps one at a time in plan order (the `level` and `sequential` policies)
+    # conf/policy/cascade.yaml: the compiler plans a cascade (small model first, escalation on low confidence);
+    # build_pipeline hands it to the compiler (`CompilerConfig.cascade`), the executor only evaluates its guards.
+    cascade: Optional[CascadeConfig] = None
 
 
 class ClusterExecutor(str, Enum):

@@ -62,6 +62,7 @@ class ExecutionContext:
         res.status, res.answer = "ok", gen.text
         res.prompt_tokens, res.output_tokens = gen.prompt_tokens, gen.output_tokens
         res.batch_size, res.finish_reason = gen.batch_size, gen.finish_reason
+        res.confidence = gen.confidence
 
     def new_result(self, node: Node, model: str) -> NodeResult:
         qid = node.provenance.query_id if node.provenance else ""
@@ -77,6 +78,8 @@ class ExecutionContext:
                 parts.append((label.lstrip("#"), fill(parent, answers, self.max_answer_chars), answer))
             chained = any(set(graph.nodes[p].inputs) - {PASSAGES_LABEL} for p in node.parents)
             return self.aggregator.request(node.template, parts, chained)
+        if node.guard is not None:  # an escalation asks exactly the draft's question: the draft is the guard's only
+            node = node.with_(inputs={k: p for k, p in node.inputs.items() if p != node.guard.source})
         passages = None
         if PASSAGES_LABEL in node.inputs:
             passages = json.loads(answers.get(node.inputs[PASSAGES_LABEL], "[]") or "[]")
@@ -109,14 +112,35 @@ class ExecutionContext:
         return out
 
     def blocked_by(self, node: Node, results: Mapping[str, NodeResult]) -> str | None:
-        """A sub-query whose parent failed or was skipped cannot run: say which parent."""
+        """A sub-query whose parent failed or was skipped cannot run: say which parent (an escalation runs
+        whatever became of the draft its guard reads: a failed draft is what it is there for)."""
         if node.kind is NodeKind.AGGREGATE:
             return None  # the final answer is made from whatever exists, and says what is missing
         for parent in node.parents:
+            if node.guard is not None and parent == node.guard.source:
+                continue
             res = results.get(parent)
             if res is None or not res.ok:
                 return f"depends on {parent}, which {res.status if res else 'did not run'}"
         return None
+
+    @staticmethod
+    def settle_guard(node: Node, res: NodeResult, draft: NodeResult | None) -> bool:
+        """Evaluate an escalate node's planned guard on its draft's result: True = run the node (escalate);
+        False = the node's answer is the draft's, recorded as such. No choice is made here: the guard is the plan's."""
+        guard = node.guard
+        ok, confidence = (draft is not None and draft.ok), (draft.confidence if draft is not None else None)
+        res.confidence = confidence
+        shown = "none reported" if confidence is None else f"{confidence:.3f}"
+        if guard.escalates(ok, confidence):
+            res.escalated = True
+            res.note = (f"escalated: draft confidence {shown} < {guard.threshold:g}" if ok
+                        else f"escalated: draft {draft.status if draft else 'missing'}")
+            return True
+        res.escalated, res.model = False, draft.model
+        res.status, res.answer, res.end = "ok", draft.answer, res.start
+        res.note = f"not escalated: draft confidence {shown} >= {guard.threshold:g}; the answer is {guard.source}'s"
+        return False
 
     def now(self) -> float:
         return time.perf_counter() - self.t0

@@ -299,6 +299,9 @@ class LiveRun:
                 res = self.results[node_id] = self.ctx.new_result(node, step.model)
                 res.start = self.ctx.now()
                 blocked = "cancelled" if self._is_cancelled(node_id) else self.ctx.blocked_by(node, self.results)
+                if not blocked and node.guard is not None and not self.ctx.settle_guard(
+                        node, res, self.results.get(node.guard.source)):
+                    continue  # the plan's guard says the draft's answer stands: no model call for this node
                 if blocked:
                     res.status, res.error, res.end = "skipped", blocked, res.start
                     self._skip_parts(node, res)
@@ -366,6 +369,9 @@ class LiveRun:
                 twin.note = f"deduplicated: shares the answer of {kept}"
                 res = twin
             out[node_id] = res
+        for node in self.graph:  # a cascade's drafts (added by the compiler): their answers, confidences and cost
+            if node.guard is not None and node.guard.source in self.results and node.guard.source not in out:
+                out[node.guard.source] = self.results[node.guard.source]
         return out
 
 

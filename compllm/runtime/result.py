@@ -31,6 +31,8 @@ class NodeResult:
     finish_reason: str = ""
     attempts: int = 0  # model calls made for this node (retries included)
     note: str = ""  # e.g. "deduplicated: shares the answer of q0:3"
+    confidence: float | None = None  # the engine's confidence in the answer (backends.base.Generation.confidence)
+    escalated: bool | None = None  # an escalate (cascade) node: whether its guard held and the big model ran
 
     @property
     def ok(self) -> bool:
@@ -93,9 +95,11 @@ def query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: 
     """One query's result: its final answer (saying which parts have none, and why), every node's result, and
     its decomposition with each part's routing."""
     nodes = [results[n.id] for n in graph if n.provenance and n.provenance.query_id == qid]
+    listed = {r.node_id for r in nodes}  # + nodes the compiler added (a cascade's drafts), after the original ones
+    nodes += [r for r in results.values() if r.query_id == qid and r.node_id not in listed]
     sink = results[sink_id]
     unanswered = [f"part {graph.nodes[r.node_id].provenance.subquery_index}: {r.error or r.status}" for r in nodes
-                  if not r.ok and r.kind == "subquery"]
+                  if not r.ok and r.kind in ("subquery", "escalate") and r.node_id in graph.nodes]
     if d.omitted:
         unanswered.append(d.omitted)
     final = sink.answer if sink.ok else f"(no answer: {sink.error})"

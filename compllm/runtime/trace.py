@@ -63,7 +63,9 @@ def chrome_trace(policy: str, nodes: Iterable[NodeResult], steps: Sequence[StepR
         events.append(te.span(f"{r.node_id} [{r.expert}]", r.kind, 2, tid, r.start, r.end,
                               {"status": r.status, "model": r.model, "batch_size": r.batch_size,
                                "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
-                               **({"error": r.error} if r.error else {}), **({"note": r.note} if r.note else {})}))
+                               **({"error": r.error} if r.error else {}), **({"note": r.note} if r.note else {}),
+                               **({"confidence": round(r.confidence, 4)} if r.confidence is not None else {}),
+                               **({"escalated": r.escalated} if r.escalated is not None else {})}))
     for qid, tid in queries.items():
         events.append(te.thread_name(2, tid, f"query {qid}"))
     return te.trace(events)
