@@ -114,20 +114,9 @@ def _replicate(demand: dict[str, float], sizes: dict[str, int], room: list[float
     (bisection over T); models that cannot all fit at any T fall back to one replica each (`_pack`)."""
     n = len(room)
     total = sum(demand.values())
-    lo, hi = total / n, max(demand.values(), default=0.0) + total / n + max(load_s.values(), default=0.0)
-    best = _pack_within(demand, sizes, room, hi, load_s)
-    if best is None:
-        return _pack(demand, {m: 1 for m in demand}, sizes, list(room))
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        packed = _pack_within(demand, sizes, room, mid, load_s)
-        if packed is None:
-            lo = mid
-        else:
-            best, hi = packed, mid
-        if hi - lo < 1e-3 * hi:
-            break
-    return best
+    hi = max(demand.values(), default=0.0) + total / n + max(load_s.values(), default=0.0)
+    best = _tightest_pack(demand, sizes, room, load_s, total / n, hi, rounds=40)
+    return best if best is not None else _pack(demand, {m: 1 for m in demand}, sizes, list(room))
 
 
 def _pack_within(demand: dict[str, float], sizes: dict[str, int], room: list[float], target: float,
@@ -319,10 +308,17 @@ def _bisect_pack(demand: dict[str, float], sizes: dict[str, int], room: list[flo
         return None
     lo = sum(demand.values()) / devices
     hi = lo + max(demand.values(), default=0.0) + max(load_s.values(), default=0.0) + 1.0
+    return _tightest_pack(demand, sizes, room, load_s, lo, hi, rounds=30)
+
+
+def _tightest_pack(demand: dict[str, float], sizes: dict[str, int], room: list[float], load_s: dict[str, float],
+                   lo: float, hi: float, rounds: int) -> Optional[dict[str, tuple[int, ...]]]:
+    """`_pack_within` at the smallest per-device work target in [lo, hi] that bisection finds (None if even `hi`
+    does not pack)."""
     best = _pack_within(demand, sizes, room, hi, load_s)
     if best is None:
         return None
-    for _ in range(30):
+    for _ in range(rounds):
         mid = (lo + hi) / 2
         packed = _pack_within(demand, sizes, room, mid, load_s)
         if packed is None:

@@ -48,7 +48,7 @@ class PlanExecutor:
         """Execute `plan`; results are keyed by `original`'s node ids (deduped nodes share their twin's answer)."""
         if plan.graph is None:
             raise ValueError(f"policy {self.name!r}: the plan carries no graph")
-        run = LiveRun(ctx, progress, barrier=self.barrier)
+        run = self._live_run(ctx, progress)
         run.submit(plan.steps, plan.graph, plan.aliases)
         run.close()
         run.wait()
@@ -59,9 +59,13 @@ class PlanExecutor:
               on_answer: Callable[[str, NodeResult], None] | None = None,
               on_text: Callable[[str, str], None] | None = None) -> "LiveRun":
         """An execution that accepts plan increments while it runs (online compilation, serving)."""
-        run = LiveRun(ctx, progress, barrier=self.barrier, on_answer=on_answer, on_text=on_text)
+        run = self._live_run(ctx, progress, on_answer=on_answer, on_text=on_text)
         run.start()
         return run
+
+    def _live_run(self, ctx: ExecutionContext, progress: Any = None, **callbacks: Any) -> "LiveRun":
+        """The execution that carries the steps out: here, this process's stream threads."""
+        return LiveRun(ctx, progress, barrier=self.barrier, **callbacks)
 
 
 class LiveRun:

@@ -41,7 +41,7 @@ from compiler.plan import Plan, Step, StepKind
 from compiler.walker import PlanWalker
 from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.runtime.context import ExecutionContext
-from compllm.runtime.executor import LiveRun
+from compllm.runtime.executor import LiveRun, PlanExecutor
 from compllm.runtime.faults import CallOutcome, generate_with_retry
 from compllm.runtime.result import NodeResult
 from compllm.runtime.trace import StepRecord
@@ -361,11 +361,11 @@ class RayRun(LiveRun):
             threads.shutdown(wait=True)  # no step keeps running behind the run's back
 
 
-class RayExecutor:
+class RayExecutor(PlanExecutor):
     """A policy (`compiled`, `level`, `sequential`) run on a Ray cluster: `cluster=ray` (conf/cluster/ray.yaml)."""
 
     def __init__(self, name: str = "compiled", barrier: bool = False, cluster: RayClusterConfig | None = None):
-        self.name, self.barrier = name, barrier
+        super().__init__(name, barrier)
         self.cluster = cluster or RayClusterConfig()
         if isinstance(self.cluster, dict):
             self.cluster = RayClusterConfig(**self.cluster)
@@ -411,24 +411,10 @@ class RayExecutor:
             raise UnknownNodeError(f"steps {wrong[:3]} are placed on a node, but only load/evict/generate steps run "
                                    "on actors (host and retrieve steps run in this process)")
 
-    def run(self, plan: Plan, ctx: ExecutionContext, original: Graph, progress: Any = None) -> dict[str, NodeResult]:
-        if plan.graph is None:
-            raise ValueError(f"policy {self.name!r}: the plan carries no graph")
-        run = RayRun(ctx, self.replicas, progress, barrier=self.barrier, check=self.check_placement)
-        run.submit(plan.steps, plan.graph, plan.aliases)
-        run.close()
-        run.wait()
-        self.step_records = run.records
-        return run.finish(original)
-
-    def start(self, ctx: ExecutionContext, progress: Any = None,
-              on_answer: Callable[[str, NodeResult], None] | None = None,
-              on_text: Callable[[str, str], None] | None = None) -> RayRun:
-        """An execution that accepts plan increments while it runs (online compilation, serving)."""
-        run = RayRun(ctx, self.replicas, progress, barrier=self.barrier, on_answer=on_answer, on_text=on_text,
-                     check=self.check_placement)
-        run.start()
-        return run
+    def _live_run(self, ctx: ExecutionContext, progress: Any = None, **callbacks: Any) -> RayRun:
+        """The execution that carries the steps out: placed steps on this cluster's actors (run and start, the
+        online path, are PlanExecutor's)."""
+        return RayRun(ctx, self.replicas, progress, barrier=self.barrier, check=self.check_placement, **callbacks)
 
     def replica_stats(self) -> dict[str, dict[str, Any]]:
         """`<model>@<node>` -> load time and token counts, asked of each live actor."""
