@@ -122,13 +122,13 @@ class Engines:
         self.policies, self.plans = {}, {}
 
     def policy(self, engine: str, name: str):
-        from hydra.utils import instantiate
+        from compllm.apps.build import build_policy
         from omegaconf import OmegaConf
 
         key = (engine, name)
         if key not in self.policies:
             cfg = compose([f"model={ENGINES.get(engine, engine)}", f"policy={name}"])
-            self.policies[key] = (instantiate(cfg.policy), OmegaConf.to_object(cfg.compiler))
+            self.policies[key] = (build_policy(cfg), OmegaConf.to_object(cfg.compiler))
         return self.policies[key]
 
     def run(self, engine: str, policy: str, graph, graph_key: str, pipeline=None) -> tuple[dict, dict]:

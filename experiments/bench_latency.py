@@ -105,11 +105,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "bench_latency"))
     args = ap.parse_args()
 
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from compllm.apps.build import build_pipeline
+    from compllm.apps.build import build_pipeline, build_policy
 
     cfg = compose([f"model={args.model}", *args.override])
     pipeline = build_pipeline(cfg)
@@ -122,7 +121,7 @@ def main() -> None:
     policies, plans = {}, {}
     for name in args.policies:  # each policy is a plan of its own (sequential: one node per call)
         policy_cfg = compose([f"model={args.model}", f"policy={name}", *args.override])
-        policies[name] = instantiate(policy_cfg.policy)
+        policies[name] = build_policy(policy_cfg)
         pipeline.compiler_config = OmegaConf.to_object(policy_cfg.compiler)
         plans[name] = pipeline.compile(graph)
 
