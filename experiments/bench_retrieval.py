@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys

@@ -69,7 +69,7 @@ from typing import Optional, Sequence
 from compiler.cost import admit_rows
 from compllm.backends.base import (BackendError, choice_confidence, text_confidence, Generation, GenerationCancelled, GenerationRequest, ModelStats,
                                    OnText)
-from compllm.backends.prefixes import PrefixStore, common_prefix, shared_groups
+from compllm.backends.prefixes import PrefixStore, shared_groups
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from compiler.ir import Graph
-from compiler.plan import Plan, Step, StepKind
+from compiler.plan import Step, StepKind
 from compiler.walker import PlanWalker
 from compllm.backends.base import BackendError, Generation, GenerationRequest
 from compllm.runtime.context import ExecutionContext
@@ -370,7 +370,6 @@ class RayExecutor(PlanExecutor):
         if isinstance(self.cluster, dict):
             self.cluster = RayClusterConfig(**self.cluster)
         self.replicas = Replicas(self.cluster)
-        self.step_records: list[StepRecord] = []
 
     def connect(self) -> None:
         """Join the configured cluster, the one this process is connected to, or start a local one."""
