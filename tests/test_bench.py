@@ -192,3 +192,27 @@ def test_numbered_multiple_choice_parts_become_choice_nodes(compose):
     assert text.choices == () and text.max_new_tokens == 50
     untyped = instantiate(compose("decomposer.detect_choices=false").decomposer, _convert_="all")
     assert {s.answer_type for s in untyped.decompose(None, [d.query])[0].subqueries} == {"text"}
+
+
+def test_fanoutqa_items_leave_out_the_excluded_ids():
+    from compllm.bench.meqa import fanoutqa_items
+
+    first = fanoutqa_items(3)
+    shown = first[0].id.removeprefix("fanoutqa-")
+    again = fanoutqa_items(3, exclude=[shown])
+    assert first[0].id not in {i.id for i in again} and again[:2] == first[1:]
+
+
+@pytest.mark.skipif(not _has_strategyqa(), reason="StrategyQA is not installed (`make setup-strategyqa`; "
+                                                   "`make test` installs it)")
+def test_a_benchmark_never_scores_the_planners_exemplars(compose):
+    """An exemplar the planner is shown worked out is left out of every evaluation, whatever the loader."""
+    from compllm.bench.runner import load_items
+
+    plain = load_items(compose("task=bench", "benchmark=meqa_all"), limit=6)
+    shown = plain[1].id.removeprefix("fanoutqa-")
+    assert plain[1].kind == "fanoutqa"
+    cfg = compose("task=bench", "benchmark=meqa_all", "decomposer=fanoutqa",
+                  f"decomposer.fanoutqa_exemplars=[{shown}]")
+    ids = [i.id for i in load_items(cfg, limit=6)]
+    assert plain[1].id not in ids and len(ids) == 6

@@ -49,18 +49,24 @@ def meqa_p(n: int, k_min: int = 2, k_max: int = 4, seed: int = 0, max_question_c
     return items
 
 
-def fanoutqa_items(n: int, max_gold_subquestions: int = 6) -> list[BenchItem]:
-    """FanOutQA dev questions, closed-book, in file order; only those whose gold DAG has at most
-    `max_gold_subquestions` top-level sub-questions (the decomposer emits at most `max_subqueries`)."""
-    from compllm.data.fanoutqa import load_fanoutqa_dev
+def fanoutqa_item_id(fanoutqa_id: str) -> str:
+    """The benchmark item id of a FanOutQA dev question."""
+    return f"fanoutqa-{fanoutqa_id}"
+
+
+def fanoutqa_items(n: int, max_gold_subquestions: int = 6, exclude: Sequence[str] = ()) -> list[BenchItem]:
+    """FanOutQA dev questions, closed-book, in file order, less `exclude` (FanOutQA ids: the planner's exemplars);
+    only those whose gold DAG has at most `max_gold_subquestions` top-level sub-questions (the decomposer emits at
+    most `max_subqueries`)."""
+    from compllm.data.fanoutqa import load_fanoutqa_dev, without
 
     out = []
-    for item in load_fanoutqa_dev():
+    for item in without(load_fanoutqa_dev(), exclude):
         if len(item.decomposition) > max_gold_subquestions:
             continue
         parts = tuple({"id": s.id, "question": s.question, "answer_strings": list(s.answer_strings),
                        "depends_on": list(s.depends_on)} for s in item.decomposition)
-        out.append(BenchItem(f"fanoutqa-{item.id}", "fanoutqa", item.question,
+        out.append(BenchItem(fanoutqa_item_id(item.id), "fanoutqa", item.question,
                              {"answer_strings": list(item.answer_strings)}, parts))
         if len(out) == n:
             break

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compllm.apps.build import build_pipeline
 from compllm.bench.items import BenchItem
+from compllm.bench.meqa import fanoutqa_item_id
 from compllm.bench.scoring import summarize
 from compllm.bench.store import ResultsStore
 
@@ -29,10 +30,17 @@ def fingerprint(cfg: DictConfig, system: Any = None) -> dict[str, Any]:
 
 
 def load_items(cfg: DictConfig, limit: int | None = None) -> list[BenchItem]:
+    """The benchmark's items, less the planner's few-shot exemplars (`decomposer.fanoutqa_exemplars`): a system
+    is never scored on an item it was shown worked out. `limit` counts what remains."""
     items = list(instantiate(cfg.benchmark.loader))
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"benchmark {cfg.benchmark.name!r} has duplicate item ids")
+    shown = {fanoutqa_item_id(i) for i in OmegaConf.select(cfg, "decomposer.fanoutqa_exemplars", default=None) or ()}
+    if shown & set(ids):
+        log.info("benchmark %s: %d item(s) left out, the planner's exemplars (decomposer.fanoutqa_exemplars)",
+                 cfg.benchmark.name, len(shown & set(ids)))
+        items = [it for it in items if it.id not in shown]
     return items[:limit] if limit is not None else items
 
 
