@@ -9,7 +9,10 @@ Per chunk of `--chunk` items, the planner splits the queries once (`Pipeline.dec
 that same decomposition (`Pipeline.run(decompositions=...)`) on the same loaded model: `retrieval` is
 `experts=retrieval` (each sub-query first looks its question up in the Wikipedia summaries, a retrieve node;
 domain experts read their topics), `closed_book` is the same experts with `knowledge` removed. So the accuracy
-difference is retrieval's alone. Scores are compllm's scorers (`compllm.bench.scoring.score`): FanOutQA loose
+difference is retrieval's alone. The fair control (`--monolithic`, on by default): the same loaded model answers
+each whole query with a plain assistant prompt, closed-book (`monolithic`) and with the passages the same index
+finds for the whole question quoted before it (`monolithic_retrieval`, `conf/system/monolithic_retrieval.yaml`):
+does retrieval help the team more than it helps one model? Scores are compllm's scorers (`compllm.bench.scoring.score`): FanOutQA loose
 accuracy (answer containment), StrategyQA accuracy.
 
 Retrieval hit rates (the stage table, so misses are visible):
@@ -54,6 +57,7 @@ from compllm.bench.scoring import bootstrap_ci, score  # noqa: E402
 from compllm.data.textmetrics import answer_containment, normalize  # noqa: E402
 
 SYSTEMS = ("closed_book", "retrieval")
+MONOLITHIC = ("monolithic", "monolithic_retrieval")  # the fair control: the whole query, one model
 FACT_RECALL = 0.6  # a StrategyQA fact "is in" a passage when this share of its content words is
 _STOP = set("a an the of in on at to for and or is are was were be by with as from that this it its his her their "
             "than then did does do has have had not no yes which who what when where how why".split())
@@ -139,6 +143,27 @@ def run_chunk(rag, closed, items: list[BenchItem]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def run_monolithic_chunk(pipe, items: list[BenchItem]) -> dict[str, dict[str, Any]]:
+    """The control systems on these items: the whole query to the model, closed-book and with the whole
+    question's passages (conf/system/monolithic{,_retrieval}.yaml, instantiated as a benchmark would)."""
+    from hydra.utils import instantiate
+
+    out: dict[str, dict[str, Any]] = {it.id: {} for it in items}
+    queries = [it.query for it in items]
+    for name in MONOLITHIC:
+        system = instantiate(compose([f"system={name}"]).system)
+        start = time.perf_counter()
+        found = system.passages(pipe, queries)
+        answers, _ = system.answer(pipe, queries)
+        wall = time.perf_counter() - start
+        for it, a, passages in zip(items, answers, found):
+            record = {**it.to_dict(), "answer": {"final_answer": a.final_answer, "latency_s": a.latency_s,
+                                                 "partial": False}}
+            out[it.id][name] = {"final_answer": a.final_answer, "score": score(record), "passages": passages,
+                                "wall_s_per_item": wall / len(items)}
+    return out
+
+
 def metric(kind: str) -> str:
     return "containment" if kind == "fanoutqa" else "correct"
 
@@ -176,6 +201,20 @@ def summarize(rows: dict[str, dict], items: list[BenchItem], evidence, titles) -
         s["helped"] = sum(r > c for r, c in zip(rg, cb))
         s["hurt"] = sum(r < c for r, c in zip(rg, cb))
         s["lookups_per_item"] = statistics.fmean(len(rows[it.id]["retrieval"]["lookups"]) for it in its)
+        mono = [it for it in its if all(name in rows[it.id] for name in MONOLITHIC)]
+        if mono:  # the fair control, on the items it has answered
+            c = {name: [float(rows[it.id][name]["score"][m]) for it in mono] for name in (*SYSTEMS, *MONOLITHIC)}
+            s["control"] = {"n": len(mono), **{name: {"mean": statistics.fmean(v), "ci95": bootstrap_ci(v)}
+                                               for name, v in c.items()}}
+            for key, (a, b) in {"monolithic_gain_points": ("monolithic_retrieval", "monolithic"),
+                                "compiled_gain_points": ("retrieval", "closed_book"),
+                                "compiled_vs_monolithic_with_retrieval_points": ("retrieval", "monolithic_retrieval"),
+                                "compiled_vs_monolithic_closed_book_points": ("closed_book", "monolithic")}.items():
+                d = [x - y for x, y in zip(c[a], c[b])]
+                s["control"][key] = {"points": 100 * statistics.fmean(d), "ci95": [100 * x for x in bootstrap_ci(d)]}
+            if kind == "strategyqa":
+                s["control"]["unparsed"] = {name: sum(bool(rows[it.id][name]["score"].get("unparsed")) for it in mono)
+                                            for name in MONOLITHIC}
         summary[kind] = s
     return summary
 
@@ -249,6 +288,23 @@ def table(summary: dict[str, Any], comparison: dict[str, Any] | None, meta: dict
                      f"| {r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {s['gain_points']:+.1f} "
                      f"[{s['gain_ci95_points'][0]:+.1f}, {s['gain_ci95_points'][1]:+.1f}] | {s['helped']} / {s['hurt']} "
                      f"| {c['median_wall_s_per_item']:.1f} / {r['median_wall_s_per_item']:.1f} |")
+    controls = {kind: s["control"] for kind, s in summary.items() if isinstance(s, dict) and "control" in s}
+    if controls:
+        lines += ["", "The fair control: the same model given each whole query, closed-book and with the same index's "
+                  "passages for the whole question (`system=monolithic` / `monolithic_retrieval`), on the same items:",
+                  "", "| data set | n | monolithic closed-book | monolithic + retrieval | retrieval gain, monolithic | "
+                  "retrieval gain, compiled | compiled minus monolithic, with retrieval | ... closed-book |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def pts(d: dict) -> str:
+            return f"{d['points']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+
+        for kind, c in controls.items():
+            mc, mr = c["monolithic"], c["monolithic_retrieval"]
+            lines.append(f"| {kind} | {c['n']} | {mc['mean']:.3f} [{mc['ci95'][0]:.3f}, {mc['ci95'][1]:.3f}] | "
+                         f"{mr['mean']:.3f} [{mr['ci95'][0]:.3f}, {mr['ci95'][1]:.3f}] | {pts(c['monolithic_gain_points'])}"
+                         f" | {pts(c['compiled_gain_points'])} | {pts(c['compiled_vs_monolithic_with_retrieval_points'])}"
+                         f" | {pts(c['compiled_vs_monolithic_closed_book_points'])} |")
     sq = summary.get("strategyqa")
     if sq:
         lines.append(f"\nStrategyQA final answers with no yes/no in them (scored wrong): closed-book "
@@ -288,6 +344,8 @@ def main() -> None:
     ap.add_argument("--compare-index-only", action="store_true")
     ap.add_argument("--no-compare", action="store_true")
     ap.add_argument("--summarize-only", action="store_true", help="tables from the items already answered")
+    ap.add_argument("--no-monolithic", action="store_true", help="skip the fair control (monolithic, closed-book and "
+                    "with the same retrieval)")
     ap.add_argument("--comparison-from", help="take index_comparison from this results file (a --compare-index-only "
                     "run with another --out, run beside the model runs)")
     args = ap.parse_args()
@@ -326,6 +384,15 @@ def main() -> None:
             t0 = time.perf_counter()
             rows.update(run_chunk(rag, closed, chunk))
             print(f"{len(rows)}/{len(items)} items ({time.perf_counter() - t0:.0f}s for {len(chunk)})", flush=True)
+            state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
+            out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
+        todo = [it for it in items if it.id in rows and not all(name in rows[it.id] for name in MONOLITHIC)]
+        for start in range(0, 0 if args.no_monolithic else len(todo), args.chunk):
+            chunk = todo[start:start + args.chunk]
+            t0 = time.perf_counter()
+            for item_id, answered in run_monolithic_chunk(rag, chunk).items():
+                rows[item_id].update(answered)
+            print(f"control: {start + len(chunk)}/{len(todo)} items ({time.perf_counter() - t0:.0f}s)", flush=True)
             state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
             out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
     summary = summarize(rows, items, evidence, titles)

@@ -107,13 +107,14 @@ def accuracy_table(runs: list[Run], params: dict[str, int], common: set[str]) ->
         p = total_params(run, params)
         if not s or not p:
             continue
-        data[run.job] = {**s, "models": run.models, "total_parameters": p}
+        chunk = (run.config.get("task") or {}).get("chunk_size")  # items answered together: latency is the chunk's
+        data[run.job] = {**s, "models": run.models, "total_parameters": p, "chunk_size": chunk}
         rows.append((s["part_accuracy"], f"| {run.job} | {', '.join(run.models)} | "
                      f"{p / 1e9:.2f}B | {s['n']} ({s['parts']} parts) | {fmt_ci(s['part_accuracy'], s['part_accuracy_ci95'])}"
                      f" | {fmt_ci(s['all_correct'], s['all_correct_ci95'])} | {s['unparsed_parts']} | "
-                     f"{s['median_latency_s']:.1f} |"))
+                     f"{s['median_latency_s']:.1f} ({chunk}) |"))
     table = ("| system | model(s) | total parameters | items | per-part accuracy [95% CI] | all parts correct [95% CI] "
-             "| parts without a parsable letter | median latency s (chunk of 8) |\n|---|---|---|---|---|---|---|---|\n"
+             "| parts without a parsable letter | median latency s (items per chunk) |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(r for _, r in sorted(rows, reverse=True)))
     return (table if rows else ""), data
 

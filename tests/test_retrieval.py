@@ -281,3 +281,25 @@ def test_knowledge_config_problems_fail_before_any_model_loads(compose, tmp_path
         check_config(compose("experts=retrieval", "experts.medicine.knowledge.topics=[Medicine]"))
     with pytest.raises(ConfigError, match="neither `wiki` nor a directory"):
         check_config(compose("experts=retrieval", f"experts.general.knowledge.corpus={tmp_path}/missing"))
+
+
+@pytest.mark.model
+def test_monolithic_control_reads_the_same_index_for_the_whole_question(compose, model_cache, corpus_dir):
+    """`system=monolithic_retrieval` (retrieval's fair control): the whole query is looked up, its passages quoted
+    before it as an expert's are, and SmolLM2 answers; `system=monolithic` stays closed-book."""
+    from hydra.utils import instantiate
+
+    from compllm.apps.build import build_pipeline
+
+    cfg = compose("model=smollm2-135m", "system=monolithic_retrieval", f"system.knowledge.corpus={corpus_dir}",
+                  f"cache_dir={model_cache}", "show_progress=false", "system.max_new_tokens=8")
+    system, pipe = instantiate(cfg.system), build_pipeline(cfg)
+    queries = ["Who wrote Romeo and Juliet?", "What is the capital of Australia?"]
+    found = system.passages(pipe, queries)
+    assert "Shakespeare" in found[0][0]["text"] and "Canberra" in found[1][0]["text"]
+    user = system.request(queries[0], found[0]).messages[-1]["content"]
+    assert user.startswith("Passages from the knowledge source") and user.endswith("Question: " + queries[0])
+    answers, _ = system.answer(pipe, queries)
+    assert len(answers) == 2 and all(a.final_answer.strip() for a in answers)
+    closed = instantiate(compose("system=monolithic").system)
+    assert closed.passages(pipe, queries) == [[], []] and closed.request(queries[0], []).messages[-1]["content"] == queries[0]

@@ -4,20 +4,23 @@ loaded models; they differ only in how the query reaches a model:
 - `Composed`: full compllm (decompose, route, compile, execute under `policy`, aggregate); with
   `drop_dependencies=true` it is the `no_deps` baseline (each sub-query answered on its own).
 - `RouteOnly`: the whole query to the single most similar expert (composition of experts without decomposition).
-- `Monolithic`: the whole query to one model with a plain assistant prompt, no experts.
+- `Monolithic`: the whole query to one model with a plain assistant prompt, no experts; with `knowledge`, the
+  passages retrieved for the whole query quoted before it (`monolithic_retrieval`, retrieval's fair control).
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from compiler.build import node_id
 from compllm.backends.base import GenerationRequest
 from compllm.frontend.decomposer import Decomposition
 from compllm.frontend.parse import SubQuery
+from compllm.knowledge.config import KnowledgeConfig
 from compllm.pipeline import Pipeline
+from compllm.runtime.prompts import passages_block
 
 
 @dataclass
@@ -73,16 +76,41 @@ class RouteOnly(Composed):
 
 
 class Monolithic:
+    """`knowledge` (optional): the fair control for retrieval-grounded experts. The whole query is looked up in
+    the same index (the same BM25, corpus, `k` and passage cap an expert reads) and the passages are quoted
+    before it, as an expert's prompt quotes them."""
+
     depends_on = ("models", "system", "benchmark", "retry")  # no decomposer, router, experts or aggregator
 
-    def __init__(self, name: str, system_prompt: str, max_new_tokens: int = 256, model: str = "default"):
+    def __init__(self, name: str, system_prompt: str, max_new_tokens: int = 256, model: str = "default",
+                 knowledge: KnowledgeConfig | None = None):
         self.name, self.system_prompt, self.max_new_tokens, self.model = name, system_prompt, max_new_tokens, model
+        self.knowledge = KnowledgeConfig(**knowledge) if isinstance(knowledge, Mapping) else knowledge
+        self._retriever = None
+
+    def passages(self, pipeline: Pipeline, queries: Sequence[str]) -> list[list[dict]]:
+        """Each query's top-k passages (empty lists without `knowledge`)."""
+        if self.knowledge is None:
+            return [[] for _ in queries]
+        if self._retriever is None:
+            from compllm.knowledge.retriever import Retrievers
+
+            sources = Retrievers.for_experts({f"system.{self.name}": self.knowledge}, pipeline.cache_dir)
+            self._retriever = sources[self.knowledge.source_key()]
+        hits = self._retriever.search(list(queries), self.knowledge.k, self.knowledge.topics)
+        return [[h.to_dict() for h in row] for row in hits]
+
+    def request(self, query: str, passages: Sequence[Mapping[str, Any]]) -> GenerationRequest:
+        user = query
+        if self.knowledge is not None:
+            user = passages_block(passages, self.knowledge.max_passage_chars) + "\n\nQuestion: " + query
+        return GenerationRequest(({"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}),
+                                 self.max_new_tokens)
 
     def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> tuple[list[SystemAnswer], dict | None]:
         start = time.perf_counter()
-        requests = [GenerationRequest(({"role": "system", "content": self.system_prompt},
-                                       {"role": "user", "content": q}), self.max_new_tokens) for q in queries]
-        generations = pipeline.pool.get(self.model).generate(requests)
+        found = self.passages(pipeline, queries)
+        generations = pipeline.pool.get(self.model).generate([self.request(q, p) for q, p in zip(queries, found)])
         wall = time.perf_counter() - start  # one batched call: every query's answer arrives at its end
         return [SystemAnswer(g.text, wall, model_calls=1) for g in generations], None  # one call: nothing to trace
 
