@@ -305,6 +305,10 @@ def table(summary: dict[str, Any], comparison: dict[str, Any] | None, meta: dict
                          f"{mr['mean']:.3f} [{mr['ci95'][0]:.3f}, {mr['ci95'][1]:.3f}] | {pts(c['monolithic_gain_points'])}"
                          f" | {pts(c['compiled_gain_points'])} | {pts(c['compiled_vs_monolithic_with_retrieval_points'])}"
                          f" | {pts(c['compiled_vs_monolithic_closed_book_points'])} |")
+        if "unparsed" in controls.get("strategyqa", {}):
+            u = controls["strategyqa"]["unparsed"]
+            lines.append(f"\nStrategyQA answers with no yes/no, monolithic: closed-book {u['monolithic']}, with retrieval "
+                         f"{u['monolithic_retrieval']} of {controls['strategyqa']['n']}.")
     sq = summary.get("strategyqa")
     if sq:
         lines.append(f"\nStrategyQA final answers with no yes/no in them (scored wrong): closed-book "
