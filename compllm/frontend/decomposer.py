@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from compiler.choices import option_letters
 from compllm.backends.base import Generation, GenerationRequest
 from compllm.backends.sanitize import neutralise
+from compllm.frontend.answer_format import with_closed_form
 from compllm.frontend.enumerated import numbered_references, split_enumerated
 from compllm.frontend.parse import DecompositionParseError, SubQuery, parse_decomposition
 from compllm.frontend.plan_schema import plan_schema_text, schema_violation
@@ -41,6 +42,9 @@ class Decomposition:
     # cut at max_new_tokens: the tolerant parser read it), `unenforced` (schema asked, the backend cannot enforce
     # it: the tolerant parser read free text); "" when no model wrote it (numbered questions, a failed call).
     decoding: str = ""
+    # the query's closed-form instruction ("Answer yes or no.") when a last part was added to ask the query in that
+    # form (`answer_format`); "" otherwise
+    closed_form: str = ""
 
 
 class Decomposer:
@@ -138,8 +142,13 @@ class Decomposer:
                 log.warning("decomposer call failed (%s); answering the query unsplit", outcome.error)
                 out.append(self.single(query, reason=f"decomposer call failed: {outcome.error}"))
             else:
-                out.append(self.parse(query, outcome.generation.text, outcome.generation))
+                out.append(self.keep_closed_form(self.parse(query, outcome.generation.text, outcome.generation)))
         return out
+
+    def keep_closed_form(self, d: Decomposition) -> Decomposition:
+        """`d` with a last part asking the query itself when it ends in a closed-form instruction the parts dropped
+        (`compllm.frontend.answer_format`); applied to every model-written split, streamed or not."""
+        return with_closed_form(d, self.max_subqueries, self.max_chars)
 
     def decoding(self, raw: str, generation: Generation | None) -> tuple[str, tuple[str, ...]]:
         """How this output was decoded (see `Decomposition.decoding`), and a warning when the schema was not kept."""

@@ -50,15 +50,16 @@ class StreamingReader:
         """The complete decomposition; the parts handed out are its first parts, whatever the final parse says."""
         final = self.decomposer.parse(self.query, raw, generation)
         if not self.parts:
-            return final
+            return self.decomposer.keep_closed_form(final)
         n = len(self.parts)
         if not final.fallback and tuple(final.subqueries[:n]) == tuple(self.parts):
-            return final
+            return self.decomposer.keep_closed_form(final)
         later = () if final.fallback else tuple(sq for sq in final.subqueries[n:]
                                                  if all(d <= sq.index for d in sq.depends_on))
         warning = (f"the complete planner output parses differently from its prefix; kept the {n} sub-queries "
                    "already started" + (f" and {len(later)} later one(s)" if later else ""))
         renumbered = tuple(replace(sq, index=n + i + 1, depends_on=tuple(d for d in sq.depends_on if d <= n))
                            for i, sq in enumerate(later))
-        return Decomposition(final.query, tuple(self.parts) + renumbered, False, "",
-                             final.warnings + (warning,), raw, final.format or "json", generation, final.omitted)
+        return self.decomposer.keep_closed_form(Decomposition(
+            final.query, tuple(self.parts) + renumbered, False, "", final.warnings + (warning,), raw,
+            final.format or "json", generation, final.omitted))

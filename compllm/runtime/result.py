@@ -107,6 +107,7 @@ def query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: 
         final += f"\n(Not answered: {d.omitted}.)"
     decomposition = {
         "fallback": d.fallback, "reason": d.reason, "format": d.format, "decoding": d.decoding,
+        "closed_form": d.closed_form,
         "warnings": list(d.warnings),
         "raw_output": d.raw_output,
         "subqueries": [{**asdict(sq), "expert": r.expert, "route_score": round(r.score, 4), "routed_by": r.routed_by}
