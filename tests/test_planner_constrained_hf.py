@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from compiler.build import FinalAnswer, RoutedSubQuery, add_query
 from compiler.ir import Graph
 from compiler.verify import verify
 from compllm.backends.base import BackendError, GenerationRequest
+from compllm.backends.grammar import RowGrammar
 from compllm.backends.hf import HFModel
 from compllm.backends.pool import ModelPool
 from compllm.frontend.plan_schema import schema_violation
@@ -181,3 +183,35 @@ def test_a_schema_xgrammar_cannot_take_is_a_backend_error(planner):
     bad = GenerationRequest(({"role": "user", "content": "q"},), 4, json_schema='{"type": "no-such-type"}')
     with pytest.raises(BackendError, match="cannot turn the request's json_schema into a grammar"):
         model.generate([bad])
+
+
+def test_a_grammar_dead_end_fails_its_own_call_only(planner, monkeypatch):
+    """xgrammar never leaves a row without an allowed token, so the dead end is injected: the constrained call gets
+    the BackendError, and a free call already decoding in the same batch (another thread, one engine) still gets
+    its whole answer."""
+    decomposer, _, model = planner
+    free = GenerationRequest(({"role": "user", "content": "Write a long story about a cat and a dog."},), 64)
+    expected = model.generate([free])[0]
+    assert expected.output_tokens > 32
+
+    def dead_end(self, best, logits):
+        raise BackendError("the grammar of the request's json_schema allows no token here")
+
+    monkeypatch.setattr(RowGrammar, "pick", dead_end)
+    plan = replace(decomposer.request("Who wrote Hamlet?"), max_new_tokens=8)
+    decoding, result = threading.Event(), {}
+
+    def run_free():
+        try:
+            result["free"] = model.generate([free], on_text=lambda row, text: decoding.set())
+        except BackendError as exc:  # what a dead end failing the whole batch would do
+            result["free"] = exc
+
+    thread = threading.Thread(target=run_free)
+    thread.start()
+    assert decoding.wait(60)  # the free row is live: the planner's row joins its batch
+    with pytest.raises(BackendError, match="allows no token"):
+        model.generate([plan])
+    thread.join(120)
+    assert not isinstance(result["free"], BackendError), result["free"]
+    assert result["free"][0].text == expected.text

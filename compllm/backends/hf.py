@@ -315,9 +315,21 @@ class _Engine:
         if batch is None:
             return None
         chosen = batch.logits.argmax(-1)
+        failed: dict[_Call, BaseException] = {}
         for j, (call, row) in enumerate(batch.rows):  # rows under a json_schema: the best token it allows
-            if (grammar := call.grammars[row]) is not None:
-                chosen[j] = grammar.pick(int(chosen[j]), batch.logits[j])
+            if (grammar := call.grammars[row]) is not None and call not in failed:
+                try:
+                    chosen[j] = grammar.pick(int(chosen[j]), batch.logits[j])
+                except BackendError as exc:  # fails its own call only, not the others decoding alongside
+                    failed[call] = BackendError(f"model {model.name!r}: {exc}")
+        if failed:
+            keep = [j for j, (c, _) in enumerate(batch.rows) if c not in failed]
+            for call, exc in failed.items():
+                self._end(call, exc)
+            if not keep:
+                return None
+            batch = batch.select(keep)
+            chosen = chosen[torch.tensor(keep, device=chosen.device)]
         # log-prob of each row's greedy token (answer confidence): its logit less the row's log-sum-exp
         logprobs = (batch.logits.gather(-1, chosen[:, None])[:, 0].float()
                     - torch.logsumexp(batch.logits.float(), -1)).tolist()
