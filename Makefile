@@ -38,6 +38,12 @@ $(VENV)/.stamp-knowledge: $(VENV)/.stamp-venv requirements/knowledge.txt
 	$(PIP) install --no-deps -r requirements/knowledge.txt
 	@touch $@
 
+# Grammar-constrained decoding on hf (xgrammar): --no-deps keeps out triton, which xgrammar declares and CPUs never use.
+$(VENV)/.stamp-grammar: $(VENV)/.stamp-project requirements/grammar.txt
+	$(PIP) install --no-deps -r requirements/grammar.txt
+	$(PY) -c "import xgrammar, importlib.metadata as m; print('xgrammar', m.version('xgrammar'))"
+	@touch $@
+
 # StrategyQA (bigbench sdist): pip >= 26.3 refuses its metadata, so pip 26.2.1 installs it (see the file's header).
 $(VENV)/.stamp-strategyqa: $(VENV)/.stamp-venv requirements/strategyqa.txt
 	$(PIP) download --no-deps -d $(VENV)/pip-26.2.1 pip==26.2.1
@@ -74,7 +80,7 @@ $(VENV)/.stamp-ray: $(VENV)/.stamp-venv requirements/ray.txt
 	$(PY) -c "import ray, hydra_plugins.hydra_joblib_launcher; print('ray', ray.__version__)"
 	@touch $@
 
-setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded $(VENV)/.stamp-knowledge
+setup: $(VENV)/.stamp-project $(VENV)/.stamp-embedded $(VENV)/.stamp-knowledge $(VENV)/.stamp-grammar
 setup-strategyqa: setup $(VENV)/.stamp-strategyqa
 setup-large: setup $(VENV)/.stamp-large
 setup-llamacpp: setup $(VENV)/.stamp-llamacpp

@@ -80,7 +80,9 @@ def test_decoding_is_recorded_for_each_path():
     assert free.parse("q", raw, gen(raw, False)).decoding == "free"
     d = on.parse("q", raw, gen(raw, True))
     assert (d.decoding, d.fallback, len(d.subqueries), d.warnings) == ("constrained", False, 3, ())
-    d = on.parse("q", raw, gen(raw, False))  # asked for, not enforced: the tolerant parser read free text
+    # asked for, not enforced: the tolerant parser read free text (a real backend that cannot enforce it, hf without
+    # xgrammar: tests/test_planner_constrained_hf.py::test_without_xgrammar_hf_falls_back_to_free_decoding_and_says_so)
+    d = on.parse("q", raw, gen(raw, False))
     assert d.decoding == "unenforced" and "cannot enforce" in d.warnings[0]
     cut = raw[: raw.index("}") + 12]  # enforced but cut at max_new_tokens: the tolerant parser recovers the complete parts
     d = on.parse("q", cut, gen(cut, True, "length"))

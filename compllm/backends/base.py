@@ -19,9 +19,9 @@ class GenerationRequest:
     # most likely one at the first answer token instead of decoding (others may generate and ignore it).
     choices: tuple[str, ...] = ()
     # Non-empty: a JSON Schema (as JSON text, so the request stays hashable) the answer must satisfy. Backends that
-    # can constrain decoding to it do (llamacpp: a GBNF grammar; openai: response_format json_schema where the
-    # server accepts it) and say so in `Generation.constrained`; the others decode freely and the caller's parser
-    # has to cope (the decomposer records which happened).
+    # can constrain decoding to it do (hf: xgrammar where installed; llamacpp: a GBNF grammar; openai:
+    # response_format json_schema where the server accepts it) and say so in `Generation.constrained`; the others
+    # decode freely and the caller's parser has to cope (the decomposer records which happened).
     json_schema: str = ""
 
 

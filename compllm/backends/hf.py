@@ -1,4 +1,7 @@
-"""transformers backend: greedy, batched generation with left padding and the model's chat template."""
+"""transformers backend: greedy, batched generation with left padding and the model's chat template.
+
+A request with a `json_schema` decodes under it (`compllm/backends/grammar.py`, xgrammar): its row's greedy token is
+the best one the schema allows, and `Generation.constrained` says so; rows without one decode exactly as before."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +15,7 @@ from typing import Sequence
 from compiler.cost import admit_rows
 from compllm.backends.base import (BackendError, choice_confidence, text_confidence, BackendOutOfMemory, Generation, GenerationCancelled,
                                    GenerationRequest, ModelStats, OnText)
+from compllm.backends.grammar import RowGrammar, SchemaGrammars
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +112,21 @@ class HFModel:
             return []
         slots = len(requests) if max_live_rows is None else max(1, min(max_live_rows, len(requests)))
         call = _Call(list(requests), [self.render(r) for r in requests], slots, cancel, on_text)
+        # compiled here, on the caller's thread (once per schema), so no other call's decoding waits for it
+        call.grammars = [self._grammars.row(r.json_schema) if r.json_schema and not r.choices else None
+                         for r in requests]
         start = time.perf_counter()
         self._engine.run(call)
         seconds = time.perf_counter() - start
         results = []
-        for request, ids, finished, n_prompt, logprobs, choice in zip(requests, call.tokens, call.finished,
-                                                                     call.prompt_tokens, call.logprobs, call.choice):
+        for request, ids, finished, n_prompt, logprobs, choice, grammar in zip(
+                requests, call.tokens, call.finished, call.prompt_tokens, call.logprobs, call.choice, call.grammars):
             text, stopped = _cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.stop)
             confidence, probs = choice if choice is not None else (text_confidence(logprobs), ())
             results.append(Generation(text=text.strip(), prompt_tokens=n_prompt, output_tokens=len(ids),
                                       seconds=seconds, finish_reason="stop" if (finished or stopped) else "length",
-                                      batch_size=len(requests), confidence=confidence, choice_probs=probs))
+                                      batch_size=len(requests), confidence=confidence, choice_probs=probs,
+                                      constrained=grammar is not None))
         with self._lock:
             self.stats.prompt_tokens += sum(call.prompt_tokens)
             self.stats.output_tokens += sum(map(len, call.tokens))
@@ -132,6 +140,12 @@ class HFModel:
         with self._lock:
             setattr(self.stats, f"{phase}_seconds", getattr(self.stats, f"{phase}_seconds") + seconds)
             setattr(self.stats, f"{phase}_tokens", getattr(self.stats, f"{phase}_tokens") + tokens)
+
+    @functools.cached_property
+    def _grammars(self) -> SchemaGrammars:
+        """This tokenizer's compiled JSON-schema grammars, over the logits' width (Qwen pads its vocabulary)."""
+        width = self.model.get_output_embeddings().weight.shape[0]
+        return SchemaGrammars(self.name, self.tokenizer, max(width, len(self.tokenizer)), self._eos_ids)
 
     @functools.cached_property
     def _engine(self) -> "_Engine":
@@ -200,6 +214,7 @@ class _Call:
     prompt_tokens: list[int] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)  # each row's greedy tokens' log-probs
     choice: list[tuple[float, tuple[float, ...]] | None] = field(default_factory=list)  # (margin, probs) per row
+    grammars: list[RowGrammar | None] = field(default_factory=list)  # each row's json_schema state (None: free)
     left: int = 0  # rows not done
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -208,7 +223,7 @@ class _Call:
         n = len(self.requests)
         self.pending, self.tokens = list(range(n)), [[] for _ in range(n)]
         self.finished, self.prompt_tokens, self.left = [False] * n, [0] * n, n
-        self.logprobs, self.choice = [[] for _ in range(n)], [None] * n
+        self.logprobs, self.choice, self.grammars = [[] for _ in range(n)], [None] * n, [None] * n
 
 
 class _Engine:
@@ -300,6 +315,21 @@ class _Engine:
         if batch is None:
             return None
         chosen = batch.logits.argmax(-1)
+        failed: dict[_Call, BaseException] = {}
+        for j, (call, row) in enumerate(batch.rows):  # rows under a json_schema: the best token it allows
+            if (grammar := call.grammars[row]) is not None and call not in failed:
+                try:
+                    chosen[j] = grammar.pick(int(chosen[j]), batch.logits[j])
+                except BackendError as exc:  # fails its own call only, not the others decoding alongside
+                    failed[call] = BackendError(f"model {model.name!r}: {exc}")
+        if failed:
+            keep = [j for j, (c, _) in enumerate(batch.rows) if c not in failed]
+            for call, exc in failed.items():
+                self._end(call, exc)
+            if not keep:
+                return None
+            batch = batch.select(keep)
+            chosen = chosen[torch.tensor(keep, device=chosen.device)]
         # log-prob of each row's greedy token (answer confidence): its logit less the row's log-sum-exp
         logprobs = (batch.logits.gather(-1, chosen[:, None])[:, 0].float()
                     - torch.logsumexp(batch.logits.float(), -1)).tolist()
@@ -335,11 +365,13 @@ class _Engine:
         if token in model._eos_ids:
             call.finished[row] = True
             return False
+        grammar = call.grammars[row]
         tokens.append(token)
         call.logprobs[row].append(logprob)
         if call.on_text is not None:
             call.on_text(row, model.tokenizer.decode(tokens, skip_special_tokens=True))
-        if request.stop and _cut_at_stop(model.tokenizer.decode(tokens[-32:]), request.stop)[1]:
+        if (request.stop and _cut_at_stop(model.tokenizer.decode(tokens[-32:]), request.stop)[1]) or (
+                grammar is not None and grammar.terminated):
             call.finished[row] = True
             return False
         return len(tokens) < request.max_new_tokens
