@@ -348,6 +348,9 @@ def main() -> None:
     ap.add_argument("--compare-index-only", action="store_true")
     ap.add_argument("--no-compare", action="store_true")
     ap.add_argument("--summarize-only", action="store_true", help="tables from the items already answered")
+    ap.add_argument("--redo", choices=["fanoutqa", "strategyqa"], action="append", default=[],
+                    help="answer this data set's items again with both compiled systems (after a change to them); "
+                    "the monolithic control's answers are kept")
     ap.add_argument("--no-monolithic", action="store_true", help="skip the fair control (monolithic, closed-book and "
                     "with the same retrieval)")
     ap.add_argument("--comparison-from", help="take index_comparison from this results file (a --compare-index-only "
@@ -363,6 +366,10 @@ def main() -> None:
     if state.get("model") not in (None, args.model):
         state = {}
     rows: dict[str, dict] = state.get("items", {})
+    for row in rows.values():
+        if row["item"]["kind"] in args.redo:
+            for name in (*SYSTEMS, "split_s"):
+                row.pop(name, None)
     meta = {"command": "PYTHONPATH=$PWD .venv/bin/python experiments/bench_retrieval.py " + shlex.join(sys.argv[1:]),
             "model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -382,11 +389,12 @@ def main() -> None:
         closed = copy.copy(rag)  # same pool, router, cost model: only the experts' knowledge differs
         closed.experts = {n: replace(e, knowledge=None) for n, e in rag.experts.items()}
         closed.retrievers = {}
-        todo = [it for it in items if it.id not in rows]
+        todo = [it for it in items if not all(name in rows.get(it.id, {}) for name in SYSTEMS)]
         for start in range(0, len(todo), args.chunk):
             chunk = todo[start:start + args.chunk]
             t0 = time.perf_counter()
-            rows.update(run_chunk(rag, closed, chunk))
+            for item_id, answered in run_chunk(rag, closed, chunk).items():
+                rows.setdefault(item_id, {}).update(answered)  # a control already answered stays
             print(f"{len(rows)}/{len(items)} items ({time.perf_counter() - t0:.0f}s for {len(chunk)})", flush=True)
             state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
             out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
