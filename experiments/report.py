@@ -287,21 +287,59 @@ BENCH_KEYS = {"cascade_vs_mono15_points": ("bench_cascade.json", "cascade_vs_mon
               "retrieval_gain_strategyqa_points": ("bench_retrieval.json", "retrieval_gain_strategyqa_points")}
 
 
-def summary_section(acc: dict, out_dir: Path) -> tuple[str, dict]:
-    """The decisive numbers in one object, from the raw results: claim 1 per size from the accuracy runs, the
-    cascade, planner and retrieval numbers from their benchmarks' own summaries (null where one has not run)."""
-    margins, lines = {}, ["| size | compiled | monolithic | margin (points) | CIs overlap |", "|---|---|---|---|---|"]
-    for size, (comp, mono) in SIZE_PAIRS.items():
-        if comp in acc and mono in acc:
-            c, m = acc[comp], acc[mono]
-            margin = 100 * (c["part_accuracy"] - m["part_accuracy"])
-            overlap = c["part_accuracy_ci95"][0] <= m["part_accuracy_ci95"][1]
-            margins[size] = {"margin_points": margin, "ci_overlap": overlap, "n": min(c["n"], m["n"])}
-            lines.append(f"| {size} | {fmt_ci(c['part_accuracy'], c['part_accuracy_ci95'])} | "
-                         f"{fmt_ci(m['part_accuracy'], m['part_accuracy_ci95'])} | {margin:+.1f} | {overlap} |")
-    summary: dict = {"n_meqa_p": min((v["n"] for v in margins.values()), default=0),
-                     "claim1_min_margin_points": min((v["margin_points"] for v in margins.values()), default=None),
-                     "claim1_by_size": margins}
+def paired_margin(comp: Run, mono: Run, ids: set[str]) -> dict:
+    """Compiled minus monolithic per-part accuracy on the same items: the margin, its paired bootstrap CI (items
+    resampled together for both systems) and a paired sign-flip permutation p-value (two-sided)."""
+    import random
+
+    from compllm.bench.scoring import bootstrap_ci, score
+
+    def per_item(run: Run) -> dict[str, tuple[float, int]]:
+        out = {}
+        for r in run.records:
+            if r["id"] in ids:
+                sc = score(r)
+                out[r["id"]] = (float(sum(sc["part_correct"])), sc["parts"])
+        return out
+
+    c, m = per_item(comp), per_item(mono)
+    keys = sorted(ids)
+    diffs, parts = [c[k][0] - m[k][0] for k in keys], [c[k][1] for k in keys]
+    margin = sum(diffs) / sum(parts)
+    rng, observed, extreme, perms = random.Random(0), abs(sum(diffs)), 0, 10000
+    for _ in range(perms):
+        extreme += abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-9
+    return {"margin_points": 100 * margin, "paired_ci95_points": [100 * x for x in bootstrap_ci(diffs, weights=parts)],
+            "p_value": (extreme + 1) / (perms + 1), "n": len(keys), "parts": sum(parts),
+            "compiled": sum(c[k][0] for k in keys) / sum(parts), "monolithic": sum(m[k][0] for k in keys) / sum(parts)}
+
+
+def summary_section(runs: list[Run], acc: dict, out_dir: Path) -> tuple[str, dict]:
+    """The decisive numbers in one object, from the raw results: claim 1 per size from the six accuracy runs on
+    the items all six answered (paired: the same items for both systems of a size), the cascade, planner and
+    retrieval numbers from their benchmarks' own summaries (null where one has not run)."""
+    by_job = {r.job: r for r in runs if r.records}
+    pairs = {size: pair for size, pair in SIZE_PAIRS.items() if all(j in by_job for j in pair)}
+    ids = common_ids([by_job[j] for pair in pairs.values() for j in pair])
+    margins, lines = {}, ["| size | compiled | monolithic | margin, points [paired 95% CI] | p (paired permutation) "
+                          "| separate CIs overlap |", "|---|---|---|---|---|---|"]
+    for size, (comp, mono) in pairs.items():
+        pm = paired_margin(by_job[comp], by_job[mono], ids)
+        sc = summarize(x for x in by_job[comp].records if x["id"] in ids)["meqa"]
+        sm = summarize(x for x in by_job[mono].records if x["id"] in ids)["meqa"]
+        overlap = sc["part_accuracy_ci95"][0] <= sm["part_accuracy_ci95"][1]
+        margins[size] = {**pm, "ci_overlap": overlap}
+        lo, hi = pm["paired_ci95_points"]
+        lines.append(f"| {size} | {fmt_ci(sc['part_accuracy'], sc['part_accuracy_ci95'])} | "
+                     f"{fmt_ci(sm['part_accuracy'], sm['part_accuracy_ci95'])} | {pm['margin_points']:+.1f} "
+                     f"[{lo:+.1f}, {hi:+.1f}] | {pm['p_value']:.4f} | {overlap} |")
+    missing = [size for size in SIZE_PAIRS if size not in pairs]  # a size without both runs decides nothing
+    for size in missing:
+        lines.append(f"| {size} | not run | not run | - | - | - |")
+    summary: dict = {"n_meqa_p": 0 if missing else min((v["n"] for v in margins.values()), default=0),
+                     "claim1_min_margin_points": None if missing else min(
+                         (v["margin_points"] for v in margins.values()), default=None),
+                     "claim1_by_size": margins, "claim1_missing_sizes": missing}
     sources = {}
     for key, (fname, field_) in BENCH_KEYS.items():
         path = out_dir / fname
@@ -309,7 +347,7 @@ def summary_section(acc: dict, out_dir: Path) -> tuple[str, dict]:
         summary[key] = value
         sources[key] = f"{fname}: {value}" if value is not None else f"{fname}: not run"
     md = ("Claim 1 per size (meqa_p per-part accuracy, compiled minus the monolithic model of the same size; "
-          f"n = {summary['n_meqa_p']} items per system):\n\n" + "\n".join(lines) + "\n\nFrom the benchmarks' own "
+          f"the {summary['n_meqa_p']} items all six systems answered):\n\n" + "\n".join(lines) + "\n\nFrom the benchmarks' own "
           "summaries (`experiments/bench_cascade.py`, `bench_planner.py`, `bench_retrieval.py`):\n\n"
           + "\n".join(f"- `{k}`: {v}" for k, v in sources.items()))
     return md, summary
@@ -336,7 +374,7 @@ def main() -> None:
             lat_md += [f"**{name}** (`compllm -m experiment={name}`)", section, f"![{name}](report_{name}.png)"]
     q_md, q = quality_section(runs)
     ab_md, ab = ablation_section(runs, out_dir)
-    sum_md, summary = summary_section(acc, out_dir)
+    sum_md, summary = summary_section([r for r in runs if r.experiment == "paper_accuracy"], acc, out_dir)
     md = ["# compllm experiment report", "Generated by `.venv/bin/python experiments/report.py` from the raw answers "
           "in experiments/results/runs/.",
           "## Summary", sum_md,
