@@ -12,12 +12,10 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make setup-llamacpp`)")
 
-from compiler.build import FinalAnswer, RoutedSubQuery, add_query  # noqa: E402
-from compiler.ir import Graph  # noqa: E402
-from compiler.verify import verify  # noqa: E402
 from compllm.backends.pool import ModelPool  # noqa: E402
 from compllm.frontend.plan_schema import schema_violation  # noqa: E402
 from compllm.runtime.faults import CallOutcome  # noqa: E402
+from tests.planner_checks import check_dag  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -57,15 +55,6 @@ def planner(model_cache):
         return [CallOutcome(g, "", 1) for g in model.generate(requests)]
 
     return decomposer, call
-
-
-def check_dag(d) -> None:
-    """The decomposition compiles into a graph the IR verifier accepts."""
-    graph = Graph()
-    routed = [RoutedSubQuery(sq.index, sq.text, sq.depends_on, "general") for sq in d.subqueries]
-    add_query(graph, "q0", d.query, routed, "aggregator", 16, final=FinalAnswer.join)
-    verify(graph, known_experts=["general", "aggregator"])
-    assert all(dep < sq.index for sq in d.subqueries for dep in sq.depends_on)
 
 
 hostile_queries = st.lists(

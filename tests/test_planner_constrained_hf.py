@@ -14,15 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from compiler.build import FinalAnswer, RoutedSubQuery, add_query
-from compiler.ir import Graph
-from compiler.verify import verify
 from compllm.backends.base import BackendError, GenerationRequest
 from compllm.backends.grammar import RowGrammar
 from compllm.backends.hf import HFModel
 from compllm.backends.pool import ModelPool
 from compllm.frontend.plan_schema import schema_violation
 from compllm.runtime.faults import CallOutcome
+from tests.planner_checks import check_dag
 
 xgr = pytest.importorskip("xgrammar", reason="xgrammar is not installed (`make setup`: requirements/grammar.txt)")
 
@@ -75,15 +73,6 @@ def compose_module():
             return compose("config", overrides=list(overrides))
 
     return _compose
-
-
-def check_dag(d) -> None:
-    """The decomposition compiles into a graph the IR verifier accepts."""
-    graph = Graph()
-    routed = [RoutedSubQuery(sq.index, sq.text, sq.depends_on, "general") for sq in d.subqueries]
-    add_query(graph, "q0", d.query, routed, "aggregator", 16, final=FinalAnswer.join)
-    verify(graph, known_experts=["general", "aggregator"])
-    assert all(dep < sq.index for sq in d.subqueries for dep in sq.depends_on)
 
 
 @functools.lru_cache(maxsize=2)
