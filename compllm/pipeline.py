@@ -64,9 +64,8 @@ class Pipeline:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def model_aliases(self) -> list[str]:
-        used = [self.decomposer.model, self.aggregator.model, *(e.model for e in self.experts.values())]
-        if self.compiler_config.cascade is not None:  # escalations run there: planned, so calibrated and loaded
-            used.append(self.compiler_config.cascade.to_model)
+        used = [self.decomposer.model, self.aggregator.model, *(e.model for e in self.experts.values()),
+                *self.cascade_models()]  # escalations run there: planned, so calibrated and loaded
         return list(dict.fromkeys(used))
 
     def cascade_models(self) -> list[str]:

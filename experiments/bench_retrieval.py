@@ -143,18 +143,22 @@ def run_chunk(rag, closed, items: list[BenchItem]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_monolithic_chunk(pipe, items: list[BenchItem]) -> dict[str, dict[str, Any]]:
-    """The control systems on these items: the whole query to the model, closed-book and with the whole
-    question's passages (conf/system/monolithic{,_retrieval}.yaml, instantiated as a benchmark would)."""
+def monolithic_systems() -> dict[str, Any]:
+    """The control systems, conf/system/monolithic{,_retrieval}.yaml instantiated as a benchmark would (once: the
+    retrieval one keeps its loaded index)."""
     from hydra.utils import instantiate
 
+    return {name: instantiate(compose([f"system={name}"]).system) for name in MONOLITHIC}
+
+
+def run_monolithic_chunk(pipe, systems: dict[str, Any], items: list[BenchItem]) -> dict[str, dict[str, Any]]:
+    """The control systems on these items: the whole query to the model, closed-book and with the whole
+    question's passages."""
     out: dict[str, dict[str, Any]] = {it.id: {} for it in items}
     queries = [it.query for it in items]
-    for name in MONOLITHIC:
-        system = instantiate(compose([f"system={name}"]).system)
+    for name, system in systems.items():
         start = time.perf_counter()
-        found = system.passages(pipe, queries)
-        answers, _ = system.answer(pipe, queries)
+        answers, found = system.answer_reading(pipe, queries)
         wall = time.perf_counter() - start
         for it, a, passages in zip(items, answers, found):
             record = {**it.to_dict(), "answer": {"final_answer": a.final_answer, "latency_s": a.latency_s,
@@ -399,10 +403,11 @@ def main() -> None:
             state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
             out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
         todo = [it for it in items if it.id in rows and not all(name in rows[it.id] for name in MONOLITHIC)]
+        controls = monolithic_systems() if todo and not args.no_monolithic else {}
         for start in range(0, 0 if args.no_monolithic else len(todo), args.chunk):
             chunk = todo[start:start + args.chunk]
             t0 = time.perf_counter()
-            for item_id, answered in run_monolithic_chunk(rag, chunk).items():
+            for item_id, answered in run_monolithic_chunk(rag, controls, chunk).items():
                 rows[item_id].update(answered)
             print(f"control: {start + len(chunk)}/{len(todo)} items ({time.perf_counter() - t0:.0f}s)", flush=True)
             state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}

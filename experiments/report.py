@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from compllm.bench.scoring import summarize  # noqa: E402
+from compllm.bench.scoring import bootstrap_ci, score, summarize  # noqa: E402
 from compllm.bench.store import read_results  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -290,10 +291,6 @@ BENCH_KEYS = {"cascade_vs_mono15_points": ("bench_cascade.json", "cascade_vs_mon
 def paired_margin(comp: Run, mono: Run, ids: set[str]) -> dict:
     """Compiled minus monolithic per-part accuracy on the same items: the margin, its paired bootstrap CI (items
     resampled together for both systems) and a paired sign-flip permutation p-value (two-sided)."""
-    import random
-
-    from compllm.bench.scoring import bootstrap_ci, score
-
     def per_item(run: Run) -> dict[str, tuple[float, int]]:
         out = {}
         for r in run.records:

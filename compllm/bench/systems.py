@@ -108,11 +108,17 @@ class Monolithic:
                                  self.max_new_tokens)
 
     def answer(self, pipeline: Pipeline, queries: Sequence[str]) -> tuple[list[SystemAnswer], dict | None]:
+        answers, _ = self.answer_reading(pipeline, queries)
+        return answers, None  # one call: nothing to trace
+
+    def answer_reading(self, pipeline: Pipeline,
+                       queries: Sequence[str]) -> tuple[list[SystemAnswer], list[list[dict]]]:
+        """The answers and the passages each query was given (one lookup, so a benchmark can score both)."""
         start = time.perf_counter()
         found = self.passages(pipeline, queries)
         generations = pipeline.pool.get(self.model).generate([self.request(q, p) for q, p in zip(queries, found)])
         wall = time.perf_counter() - start  # one batched call: every query's answer arrives at its end
-        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations], None  # one call: nothing to trace
+        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations], found
 
 
 _REF = re.compile(r"#(\d+)\b")
