@@ -192,6 +192,12 @@ def choose_threshold(small: dict, big: dict, ps: list[dict[str, Any]], params: d
     return max(rows, key=lambda r: (r[1], r[2]))[0]
 
 
+def mixed_team_big_experts() -> set[str]:
+    """The experts `experts=mixed` puts on the big model (conf/experts/mixed.yaml)."""
+    cfg = compose([f"model={SMALL_CFG}", "experts=mixed"])
+    return {name for name, e in cfg.experts.items() if e.model == "big"}
+
+
 def split_records(run: dict) -> tuple[dict, dict]:
     """A cascade run at threshold > 1 (every part escalated): its drafts are the 0.5B's answers to every part,
     its escalations the 1.5B's answers to the same prompts."""
@@ -287,6 +293,10 @@ def report(args, evals, small, big, runs, threshold, params, checks) -> None:
         cf_records.update({p["id"]: d[p["id"]] for p in half})
     s_cf = score(cf_records, evals, params)
     s_at = score(derived(small, big, threshold), evals, params)
+    # the mixed team (experts=mixed): each part answered by the model its gold expert runs on, the same prompt as
+    # the draft's or the escalation's (exact, as the sweep is)
+    on_big = mixed_team_big_experts()
+    s_mixed = score({p["id"]: (big if p["domain"] in on_big else small)[p["id"]] for p in evals}, evals, params)
     sweep = []
     for t in sorted(set(THRESHOLDS) | {threshold}):
         s = score(derived(small, big, t), evals, params)
@@ -373,7 +383,9 @@ def report(args, evals, small, big, runs, threshold, params, checks) -> None:
         "systems": [system("0.5B alone (every part)", s_small, "drafts of the run"),
                     system("1.5B alone (every part)", s_big, "escalations of the run"),
                     system(f"cascade, threshold {threshold} (chosen on these parts)", s_at, "derived"),
-                    system(f"cascade, cross-fitted thresholds {picks}", s_cf, "derived, cross-fitted")],
+                    system(f"cascade, cross-fitted thresholds {picks}", s_cf, "derived, cross-fitted"),
+                    system(f"mixed team (experts=mixed: {', '.join(sorted(on_big))} on the 1.5B)", s_mixed,
+                           "derived: each part from its expert's model")],
         "sweep": sweep,
         "check_real_cascade_run": check,
         "limits": limits,

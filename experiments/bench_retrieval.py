@@ -343,9 +343,19 @@ def table(summary: dict[str, Any], comparison: dict[str, Any] | None, meta: dict
     return "\n".join(lines) + "\n"
 
 
+def interleave(first: list, second: list) -> list:
+    """Alternate the two data sets' items while both last, then the longer one's rest: a run stopped early has
+    grown both."""
+    out = [x for pair in zip(first, second) for x in pair]
+    return out + first[len(second):] + second[len(first):]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50, help="items per data set")
+    ap.add_argument("--n-fanoutqa", type=int, help="FanOutQA items (default --n; 239 is all of dev with <= 6 gold "
+                    "sub-questions)")
+    ap.add_argument("--n-strategyqa", type=int, help="StrategyQA items (default --n)")
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-llamacpp")
     ap.add_argument("--out", default=str(RESULTS / "bench_retrieval.json"))
@@ -360,7 +370,8 @@ def main() -> None:
     ap.add_argument("--comparison-from", help="take index_comparison from this results file (a --compare-index-only "
                     "run with another --out, run beside the model runs)")
     args = ap.parse_args()
-    items = [x for pair in zip(fanoutqa_items(args.n), strategyqa_items(args.n)) for x in pair]
+    items = interleave(fanoutqa_items(args.n if args.n_fanoutqa is None else args.n_fanoutqa),
+                       strategyqa_items(args.n if args.n_strategyqa is None else args.n_strategyqa))
     evidence = evidence_titles()
     from compllm.knowledge import load_corpus
 
@@ -393,23 +404,26 @@ def main() -> None:
         closed = copy.copy(rag)  # same pool, router, cost model: only the experts' knowledge differs
         closed.experts = {n: replace(e, knowledge=None) for n, e in rag.experts.items()}
         closed.retrievers = {}
-        todo = [it for it in items if not all(name in rows.get(it.id, {}) for name in SYSTEMS)]
+        # Per chunk, the compiled systems then the control answer the same items, so a run stopped anywhere leaves
+        # every finished item complete (the comparisons are paired).
+        systems = SYSTEMS if args.no_monolithic else SYSTEMS + MONOLITHIC
+        todo = [it for it in items if not all(name in rows.get(it.id, {}) for name in systems)]
+        controls = monolithic_systems() if todo and not args.no_monolithic else {}
         for start in range(0, len(todo), args.chunk):
             chunk = todo[start:start + args.chunk]
             t0 = time.perf_counter()
-            for item_id, answered in run_chunk(rag, closed, chunk).items():
-                rows.setdefault(item_id, {}).update(answered)  # a control already answered stays
-            print(f"{len(rows)}/{len(items)} items ({time.perf_counter() - t0:.0f}s for {len(chunk)})", flush=True)
-            state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
-            out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
-        todo = [it for it in items if it.id in rows and not all(name in rows[it.id] for name in MONOLITHIC)]
-        controls = monolithic_systems() if todo and not args.no_monolithic else {}
-        for start in range(0, 0 if args.no_monolithic else len(todo), args.chunk):
-            chunk = todo[start:start + args.chunk]
-            t0 = time.perf_counter()
-            for item_id, answered in run_monolithic_chunk(rag, controls, chunk).items():
-                rows[item_id].update(answered)
-            print(f"control: {start + len(chunk)}/{len(todo)} items ({time.perf_counter() - t0:.0f}s)", flush=True)
+            compiled = [it for it in chunk if not all(name in rows.get(it.id, {}) for name in SYSTEMS)]
+            if compiled:
+                for item_id, answered in run_chunk(rag, closed, compiled).items():
+                    rows.setdefault(item_id, {}).update(answered)  # a control already answered stays
+            t1 = time.perf_counter()
+            control = [it for it in chunk if not all(name in rows[it.id] for name in MONOLITHIC)]
+            if controls and control:
+                for item_id, answered in run_monolithic_chunk(rag, controls, control).items():
+                    rows[item_id].update(answered)
+            done = sum(all(name in rows.get(it.id, {}) for name in systems) for it in items)
+            print(f"{done}/{len(items)} items (compiled {t1 - t0:.0f}s, control {time.perf_counter() - t1:.0f}s for "
+                  f"{len(chunk)})", flush=True)
             state = {"model": args.model, "items": rows, "index_comparison": comparison, "meta": meta}
             out_path.write_text(json.dumps(state, indent=1, ensure_ascii=False))
     summary = summarize(rows, items, evidence, titles)

@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from compllm.bench.compute import NotEstimable, calls_of, estimated_calls, hf_counters, param_compute  # noqa: E402
 from compllm.bench.scoring import bootstrap_ci, score, summarize  # noqa: E402
 from compllm.bench.store import read_results  # noqa: E402
 
@@ -82,6 +83,54 @@ def count_parameters(runs: list[Run], out: Path) -> dict[str, int]:
     return counts
 
 
+def answer_calls(runs: list[Run], out: Path, estimate: bool) -> dict[str, dict[str, Any]]:
+    """Per run (`experiment/job`) and item: the model calls its answer made (`compllm.bench.compute`): recorded in
+    the record when it has them; else the estimate cached in `out` (`--estimate-compute` adds what is missing,
+    rebuilding each call's prompt and counting its tokens with the model's tokenizer; None: not estimable)."""
+    cached: dict[str, dict[str, Any]] = json.loads(out.read_text()) if out.exists() else {}
+    counters: dict[str, tuple] = {}  # model name -> (count_prompt, count_text)
+    calls: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        key, models = f"{run.experiment}/{run.job}", run.config["models"]
+        est = cached.setdefault(key, {})
+        for r in run.records:
+            recorded = calls_of(r)
+            if recorded is not None:
+                calls.setdefault(key, {})[r["id"]] = {"calls": recorded, "how": "recorded"}
+                continue
+            if r["id"] not in est and estimate:
+                for alias, spec in models.items():
+                    if spec["name"] not in counters:
+                        from hydra.utils import instantiate
+
+                        path = instantiate(spec["source"]).materialize(None, "bfloat16").path
+                        counters[spec["name"]] = hf_counters(path)
+                try:
+                    est[r["id"]] = estimated_calls(r, run.config, {a: counters[m["name"]][0] for a, m in models.items()},
+                                                   {a: counters[m["name"]][1] for a, m in models.items()})
+                except NotEstimable:
+                    est[r["id"]] = None
+            if est.get(r["id"]) is not None:
+                calls.setdefault(key, {})[r["id"]] = {"calls": est[r["id"]], "how": "estimated"}
+    if estimate:
+        out.write_text(json.dumps({k: v for k, v in cached.items() if v}, indent=0, sort_keys=True))
+    return calls
+
+
+def compute_per_part(run: Run, calls: dict[str, dict[str, Any]], params: dict[str, int],
+                     ids: set[str]) -> tuple[float | None, str]:
+    """Parameters x tokens per answered part over the items `ids`, and whether recorded or estimated (None when
+    some item's calls are unknown)."""
+    mine = calls.get(f"{run.experiment}/{run.job}", {})
+    by_alias = {alias: params.get(spec["name"]) for alias, spec in run.config["models"].items()}
+    records = [r for r in run.records if r["id"] in ids]
+    if not records or any(r["id"] not in mine for r in records) or None in by_alias.values():
+        return None, ""
+    total = sum(param_compute(mine[r["id"]]["calls"], by_alias) for r in records)
+    hows = {mine[r["id"]]["how"] for r in records}
+    return total / sum(len(r["parts"]) for r in records), "/".join(sorted(hows))
+
+
 def fmt_ci(value: float, ci: tuple[float, float]) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -101,7 +150,8 @@ def total_params(run: Run, params: dict[str, int]) -> int | None:
         return None
 
 
-def accuracy_table(runs: list[Run], params: dict[str, int], common: set[str]) -> tuple[str, dict]:
+def accuracy_table(runs: list[Run], params: dict[str, int], common: set[str],
+                   calls: dict[str, dict[str, Any]]) -> tuple[str, dict]:
     rows, data = [], {}
     for run in runs:
         s = summarize(x for x in run.records if x["id"] in common).get("meqa")
@@ -109,14 +159,17 @@ def accuracy_table(runs: list[Run], params: dict[str, int], common: set[str]) ->
         if not s or not p:
             continue
         chunk = (run.config.get("task") or {}).get("chunk_size")  # items answered together: latency is the chunk's
-        data[run.job] = {**s, "models": run.models, "total_parameters": p, "chunk_size": chunk}
+        compute, how = compute_per_part(run, calls, params, common)
+        data[run.job] = {**s, "models": run.models, "total_parameters": p, "chunk_size": chunk,
+                         "param_compute_per_part": compute, "param_compute_from": how}
+        shown = "-" if compute is None else f"{compute / 1e9:.0f} ({how})"
         rows.append((s["part_accuracy"], f"| {run.job} | {', '.join(run.models)} | "
                      f"{p / 1e9:.2f}B | {s['n']} ({s['parts']} parts) | {fmt_ci(s['part_accuracy'], s['part_accuracy_ci95'])}"
-                     f" | {fmt_ci(s['all_correct'], s['all_correct_ci95'])} | {s['unparsed_parts']} | "
+                     f" | {fmt_ci(s['all_correct'], s['all_correct_ci95'])} | {s['unparsed_parts']} | {shown} | "
                      f"{s['median_latency_s']:.1f} ({chunk}) |"))
     table = ("| system | model(s) | total parameters | items | per-part accuracy [95% CI] | all parts correct [95% CI] "
-             "| parts without a parsable letter | median latency s (items per chunk) |\n|---|---|---|---|---|---|---|---|\n"
-             + "\n".join(r for _, r in sorted(rows, reverse=True)))
+             "| parts without a parsable letter | param-compute per part, 1e9 | median latency s (items per chunk) |"
+             "\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(r for _, r in sorted(rows, reverse=True)))
     return (table if rows else ""), data
 
 
@@ -124,17 +177,22 @@ def common_ids(runs: list[Run]) -> set[str]:
     return set.intersection(*(set(x["id"] for x in r.records) for r in runs)) if runs else set()
 
 
-def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> tuple[str, dict]:
+def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path,
+                     calls: dict[str, dict[str, Any]]) -> tuple[str, dict]:
     """Every system scored on the same items: those all of them answered (runs may have different limits);
     then, where some systems ran more items, those systems again on their larger common set."""
     runs = [r for r in runs if r.records]
     common = common_ids(runs)
-    table, data = accuracy_table(runs, params, common)
+    table, data = accuracy_table(runs, params, common, calls)
     if not table:
         return "", data
     larger = [r for r in runs if len(r.records) > len(common)]
     if len(larger) >= 2:
-        more, _ = accuracy_table(larger, params, common_ids(larger))
+        more, more_data = accuracy_table(larger, params, common_ids(larger), calls)
+        compute_plot(more_data, out_dir, len(common_ids(larger)))  # the larger sample: the claim-1 systems
+    else:
+        compute_plot(data, out_dir, len(common))
+    if len(larger) >= 2:
         table += f"\n\nThe systems that ran more items, on the {len(common_ids(larger))} items they share:\n\n" + more
     stages = ["| system | " + " | ".join(STAGES) + " | parts routed to their domain's expert | expert accuracy "
               "(before aggregation) |", "|---|" + "---|" * (len(STAGES) + 2)]
@@ -170,6 +228,43 @@ def accuracy_section(runs: list[Run], params: dict[str, int], out_dir: Path) -> 
 
 
 STAGES = ["correct", "split", "expert_wrong", "expert_wrong_misrouted", "aggregation"]
+
+
+def compute_plot(data: dict, out_dir: Path, n_items: int) -> None:
+    """Per-part accuracy against parameter-compute per part: the meqa_p systems (their common items), and the
+    cascade's threshold sweep, the mixed team and each model alone from `bench_cascade.json` (gold parts on
+    llama.cpp: the same questions and expert prompts, another engine and sample, so drawn apart)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for job, s in data.items():
+        if s.get("param_compute_per_part"):
+            x, (lo, hi) = s["param_compute_per_part"] / 1e9, s["part_accuracy_ci95"]
+            composed = not job.startswith("monolithic")
+            ax.errorbar(x, s["part_accuracy"], yerr=[[s["part_accuracy"] - lo], [hi - s["part_accuracy"]]],
+                        fmt="o" if composed else "s", color="tab:blue" if composed else "tab:gray", capsize=3)
+            ax.annotate(job, (x, s["part_accuracy"]), textcoords="offset points", xytext=(5, 4) if composed else (-6, 4),
+                        ha="left" if composed else "right", fontsize=7)
+    cascade_file = out_dir / "bench_cascade.json"
+    if cascade_file.exists():
+        cascade = json.loads(cascade_file.read_text())
+        sweep = sorted(cascade["sweep"], key=lambda r: r["param_compute_per_part"])
+        ax.plot([r["param_compute_per_part"] for r in sweep], [r["accuracy"] for r in sweep], "-^", ms=4,
+                color="tab:orange", label=f"cascade 0.5B->1.5B, threshold sweep ({cascade['setup']['n_parts']} gold "
+                "parts, llama.cpp)")
+        for r in cascade["systems"]:
+            if r["system"].startswith(("0.5B alone", "1.5B alone", "mixed team")):
+                ax.plot(r["param_compute_per_part"], r["accuracy"], "D", color="tab:red", ms=5)
+                ax.annotate(r["system"].split(" (")[0] + " (llama.cpp)", (r["param_compute_per_part"], r["accuracy"]),
+                            textcoords="offset points", xytext=(-6, -12), ha="right", fontsize=7, color="tab:red")
+    ax.axhline(0.25, ls=":", color="k", lw=0.8, label="chance (4 options)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameter-compute per answered part: parameters x tokens, 1e9 (log scale)")
+    ax.set_ylabel("meqa_p per-part accuracy")
+    ax.set_title(f"Accuracy vs compute (meqa_p; circles: compllm, squares: one model, {n_items} items; 95% CIs)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "report_accuracy_vs_compute.png", dpi=120)
+    plt.close(fig)
 
 
 def latency_section(runs: list[Run], out_dir: Path, name: str) -> tuple[str, dict]:
@@ -354,6 +449,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=str(RESULTS / "runs"))
     ap.add_argument("--count-parameters", action="store_true")
+    ap.add_argument("--estimate-compute", action="store_true", help="count the tokens of the calls of records that "
+                    "do not carry them (older runs), into answer_calls_estimated.json; later reports read that file")
     args = ap.parse_args()
     root = Path(args.runs)
     out_dir = root.parent
@@ -363,7 +460,9 @@ def main() -> None:
     params_file = out_dir / "model_parameters.json"
     params = count_parameters(runs, params_file) if args.count_parameters else (
         json.loads(params_file.read_text()) if params_file.exists() else {})
-    acc_md, acc = accuracy_section([r for r in runs if r.experiment == "paper_accuracy"], params, out_dir)
+    accuracy_runs = [r for r in runs if r.experiment == "paper_accuracy"]
+    calls = answer_calls(accuracy_runs, out_dir / "answer_calls_estimated.json", args.estimate_compute)
+    acc_md, acc = accuracy_section(accuracy_runs, params, out_dir, calls)
     lat, lat_md = {}, []
     for name in sorted({r.experiment for r in runs if r.experiment.startswith("paper_latency")}):
         section, lat[name] = latency_section([r for r in runs if r.experiment == name], out_dir, name)
@@ -376,7 +475,7 @@ def main() -> None:
           "in experiments/results/runs/.",
           "## Summary", sum_md,
           "## Accuracy and size (meqa_p; `compllm -m experiment=paper_accuracy`, `experiment=paper_size`)", acc_md,
-          "![accuracy vs size](report_accuracy_vs_size.png)",
+          "![accuracy vs compute](report_accuracy_vs_compute.png)", "![accuracy vs size](report_accuracy_vs_size.png)",
           "## Latency (meqa_all)", *lat_md,
           "## FanOutQA and StrategyQA (meqa_all runs)", q_md, "## Ablations (`compllm -m experiment=ablation_*`)", ab_md]
     (out_dir / "report.md").write_text("\n\n".join(x for x in md if x) + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from compiler.build import node_id
 from compllm.backends.base import GenerationRequest
+from compllm.bench.compute import call
 from compllm.frontend.decomposer import Decomposition
 from compllm.frontend.parse import SubQuery
 from compllm.knowledge.config import KnowledgeConfig
@@ -35,6 +36,9 @@ class SystemAnswer:
     decomposition: dict[str, Any] = field(default_factory=dict)  # fallback, format, reason
     model_calls: int = 0
     execute_latency_s: float | None = None  # the sub-query processing alone: plan execution start -> final answer
+    # every model call made for it, as the engine counted it: {"model": alias, "prompt_tokens", "output_tokens"}
+    # (the planner's included); read by compllm.bench.compute for parameter-compute
+    calls: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +67,7 @@ class Composed:
             out.append(SystemAnswer(
                 q.final_answer, q.latency, q.partial, "; ".join(errors), subs,
                 {k: q.decomposition[k] for k in ("fallback", "format", "reason")},
-                sum(n.attempts for n in q.nodes), q.execute_latency))
+                sum(n.attempts for n in q.nodes), q.execute_latency, model_calls_of(pipeline, q)))
         return out, result.trace
 
 
@@ -118,7 +122,16 @@ class Monolithic:
         found = self.passages(pipeline, queries)
         generations = pipeline.pool.get(self.model).generate([self.request(q, p) for q, p in zip(queries, found)])
         wall = time.perf_counter() - start  # one batched call: every query's answer arrives at its end
-        return [SystemAnswer(g.text, wall, model_calls=1) for g in generations], found
+        return [SystemAnswer(g.text, wall, model_calls=1, calls=[call(self.model, g.prompt_tokens, g.output_tokens)])
+                for g in generations], found
+
+
+def model_calls_of(pipeline: Pipeline, q) -> list[dict[str, Any]]:
+    """A composed answer's model calls: the planner's (when a model wrote the split) and every node's."""
+    planner = q.decomposition.get("planner_tokens")
+    calls = [call(pipeline.decomposer.model, *planner)] if planner else []
+    return calls + [call(n.model, n.prompt_tokens, n.output_tokens) for n in q.nodes
+                    if n.model and (n.prompt_tokens or n.output_tokens)]
 
 
 _REF = re.compile(r"#(\d+)\b")

@@ -108,6 +108,8 @@ def query_result(qid: str, text: str, sink_id: str, d: "Decomposition", routes: 
     decomposition = {
         "fallback": d.fallback, "reason": d.reason, "format": d.format, "decoding": d.decoding,
         "closed_form": d.closed_form,
+        # the planner call's [prompt, output] tokens (None: no model wrote the split)
+        "planner_tokens": [d.generation.prompt_tokens, d.generation.output_tokens] if d.generation else None,
         "warnings": list(d.warnings),
         "raw_output": d.raw_output,
         "subqueries": [{**asdict(sq), "expert": r.expert, "route_score": round(r.score, 4), "routed_by": r.routed_by}
