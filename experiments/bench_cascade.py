@@ -151,7 +151,9 @@ def paired_diff_ci(a: list[int], b: list[int], reps: int = 10000, seed: int = 1)
 
 # --- systems from the records ---------------------------------------------------------------------
 def compute_of(record: dict[str, Any], params: dict[str, int]) -> float:
-    return sum(params[c["model"]] * (c["prompt_tokens"] + c["output_tokens"]) for c in record["calls"])
+    from compllm.bench.compute import param_compute
+
+    return param_compute(record["calls"], params)
 
 
 def derived(small: dict, big: dict, t: float) -> dict[str, dict[str, Any]]:

@@ -219,8 +219,35 @@ def summarize(rows: dict[str, dict], items: list[BenchItem], evidence, titles) -
             if kind == "strategyqa":
                 s["control"]["unparsed"] = {name: sum(bool(rows[it.id][name]["score"].get("unparsed")) for it in mono)
                                             for name in MONOLITHIC}
+                s["control"]["answer_bias"] = {name: answer_bias([rows[it.id] for it in mono], name)
+                                               for name in (*SYSTEMS, *MONOLITHIC)}
         summary[kind] = s
     return summary
+
+
+def answer_bias(rows: list[dict], name: str, reps: int = 2000) -> dict[str, Any]:
+    """StrategyQA: how often system `name` says yes, and its balanced accuracy (the mean of its accuracy on the
+    yes-questions and on the no-questions, with a bootstrap CI). A model that always says one word scores the
+    base rate in accuracy but 0.5 here, so a gain in accuracy that comes from a shift of the yes-rate shows."""
+    import random
+
+    gold = [bool(r["item"]["gold"]["answer"]) for r in rows]
+    correct = [bool(r[name]["score"]["correct"]) for r in rows]
+    unparsed = [bool(r[name]["score"].get("unparsed")) for r in rows]
+    said_yes = [g if c else (not g and not u) for g, c, u in zip(gold, correct, unparsed)]
+
+    def rates(idx: list[int]) -> tuple[float, float]:  # accuracy on the yes-questions, on the no-questions
+        out = []
+        for want in (True, False):
+            group = [correct[i] for i in idx if gold[i] is want]
+            out.append(statistics.fmean(group) if group else 0.5)
+        return out[0], out[1]
+
+    rng, n = random.Random(0), len(rows)
+    boot = sorted(statistics.fmean(rates([rng.randrange(n) for _ in range(n)])) for _ in range(reps))
+    tpr, tnr = rates(list(range(n)))
+    return {"yes_rate": statistics.fmean(said_yes), "gold_yes_rate": statistics.fmean(gold), "tpr": tpr, "tnr": tnr,
+            "balanced_accuracy": (tpr + tnr) / 2, "balanced_ci95": [boot[int(0.025 * reps)], boot[int(0.975 * reps) - 1]]}
 
 
 def compare_indexes(items: list[BenchItem], evidence, titles, router_cfg, distractors: int = 2000) -> dict[str, Any]:
@@ -313,6 +340,15 @@ def table(summary: dict[str, Any], comparison: dict[str, Any] | None, meta: dict
             u = controls["strategyqa"]["unparsed"]
             lines.append(f"\nStrategyQA answers with no yes/no, monolithic: closed-book {u['monolithic']}, with retrieval "
                          f"{u['monolithic_retrieval']} of {controls['strategyqa']['n']}.")
+    bias = summary.get("strategyqa", {}).get("control", {}).get("answer_bias")
+    if bias:
+        lines += ["", "StrategyQA answer bias (the same items): a system's accuracy moves with how often it says yes; "
+                  f"balanced accuracy does not (0.5 = chance; gold says yes on {next(iter(bias.values()))['gold_yes_rate']:.1%}):",
+                  "", "| system | says yes | accuracy on yes-questions / no-questions | balanced accuracy [95% CI] |",
+                  "|---|---|---|---|"]
+        for name, b in bias.items():
+            lines.append(f"| {name} | {b['yes_rate']:.1%} | {b['tpr']:.3f} / {b['tnr']:.3f} | "
+                         f"{b['balanced_accuracy']:.3f} [{b['balanced_ci95'][0]:.3f}, {b['balanced_ci95'][1]:.3f}] |")
     sq = summary.get("strategyqa")
     if sq:
         lines.append(f"\nStrategyQA final answers with no yes/no in them (scored wrong): closed-book "
