@@ -392,6 +392,8 @@ def main() -> None:
     ap.add_argument("--n-fanoutqa", type=int, help="FanOutQA items (default --n; 239 is all of dev with <= 6 gold "
                     "sub-questions)")
     ap.add_argument("--n-strategyqa", type=int, help="StrategyQA items (default --n)")
+    ap.add_argument("--fanoutqa-all", action="store_true", help="FanOutQA: every dev question (any number of gold "
+                    "sub-questions) less the planner's exemplars (conf/decomposer/fanoutqa.yaml), 307 items")
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-llamacpp")
     ap.add_argument("--out", default=str(RESULTS / "bench_retrieval.json"))
@@ -406,8 +408,12 @@ def main() -> None:
     ap.add_argument("--comparison-from", help="take index_comparison from this results file (a --compare-index-only "
                     "run with another --out, run beside the model runs)")
     args = ap.parse_args()
-    items = interleave(fanoutqa_items(args.n if args.n_fanoutqa is None else args.n_fanoutqa),
-                       strategyqa_items(args.n if args.n_strategyqa is None else args.n_strategyqa))
+    if args.fanoutqa_all:  # the "all of FanOutQA dev minus the exemplars"
+        exemplars = list(compose(["decomposer=fanoutqa"]).decomposer.fanoutqa_exemplars)
+        fanout = fanoutqa_items(10**6, max_gold_subquestions=10**6, exclude=exemplars)
+    else:
+        fanout = fanoutqa_items(args.n if args.n_fanoutqa is None else args.n_fanoutqa)
+    items = interleave(fanout, strategyqa_items(args.n if args.n_strategyqa is None else args.n_strategyqa))
     evidence = evidence_titles()
     from compllm.knowledge import load_corpus
 
