@@ -4,7 +4,9 @@
     PYTHONPATH=$PWD .venv/bin/python experiments/bench_retrieval.py --compare-index-only   # BM25 vs MiniLM only
 
 Items: the first `--n` FanOutQA dev questions with <= 6 gold sub-questions (`compllm.bench.meqa.fanoutqa_items`)
-and `--n` StrategyQA questions (fixed-seed sample, `strategyqa_items`), the ones `benchmark=meqa_all` uses.
+and `--n` StrategyQA questions (fixed-seed sample, `strategyqa_items`), the ones `benchmark=meqa_all` uses
+(`--n-fanoutqa` / `--n-strategyqa` set each; `--fanoutqa-all`: every FanOutQA dev question less the planner's
+exemplars, 307, as `bench_planner.py`).
 Per chunk of `--chunk` items, the planner splits the queries once (`Pipeline.decompose`) and both systems answer
 that same decomposition (`Pipeline.run(decompositions=...)`) on the same loaded model: `retrieval` is
 `experts=retrieval` (each sub-query first looks its question up in the Wikipedia summaries, a retrieve node;
