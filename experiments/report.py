@@ -64,10 +64,16 @@ def load_runs(root: Path) -> list[Run]:
     return runs
 
 
+def converted_dir(spec: dict[str, Any]) -> str:
+    """The converted HF directory of a run's model spec (converted once, then read from the model cache)."""
+    from hydra.utils import instantiate
+
+    return instantiate(spec["source"]).materialize(None, "bfloat16").path
+
+
 def count_parameters(runs: list[Run], out: Path) -> dict[str, int]:
     """Parameters per model name, from the converted HF config, instantiated on the meta device."""
     import torch
-    from hydra.utils import instantiate
     from transformers import AutoConfig, AutoModelForCausalLM
 
     counts = json.loads(out.read_text()) if out.exists() else {}
@@ -75,9 +81,8 @@ def count_parameters(runs: list[Run], out: Path) -> dict[str, int]:
         for spec in run.config["models"].values():
             if spec["name"] in counts:
                 continue
-            resolved = instantiate(spec["source"]).materialize(None, "bfloat16")
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved.path))
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(converted_dir(spec)))
             counts[spec["name"]] = sum(p.numel() for p in model.parameters())
     out.write_text(json.dumps(counts, indent=1, sort_keys=True))
     return counts
@@ -88,29 +93,28 @@ def answer_calls(runs: list[Run], out: Path, estimate: bool) -> dict[str, dict[s
     the record when it has them; else the estimate cached in `out` (`--estimate-compute` adds what is missing,
     rebuilding each call's prompt and counting its tokens with the model's tokenizer; None: not estimable)."""
     cached: dict[str, dict[str, Any]] = json.loads(out.read_text()) if out.exists() else {}
-    counters: dict[str, tuple] = {}  # model name -> (count_prompt, count_text)
+    counters: dict[str, tuple] = {}  # model name -> (count_prompt, count_text), one tokenizer load per model
     calls: dict[str, dict[str, Any]] = {}
     for run in runs:
-        key, models = f"{run.experiment}/{run.job}", run.config["models"]
-        est = cached.setdefault(key, {})
+        key, est = f"{run.experiment}/{run.job}", cached.setdefault(f"{run.experiment}/{run.job}", {})
+        todo = [r for r in run.records if calls_of(r) is None and r["id"] not in est] if estimate else []
+        if todo:
+            models = run.config["models"]
+            for spec in models.values():
+                if spec["name"] not in counters:
+                    counters[spec["name"]] = hf_counters(converted_dir(spec))
+            prompt = {a: counters[m["name"]][0] for a, m in models.items()}
+            text = {a: counters[m["name"]][1] for a, m in models.items()}
+            for r in todo:
+                try:
+                    est[r["id"]] = estimated_calls(r, run.config, prompt, text)
+                except NotEstimable:
+                    est[r["id"]] = None
         for r in run.records:
             recorded = calls_of(r)
             if recorded is not None:
                 calls.setdefault(key, {})[r["id"]] = {"calls": recorded, "how": "recorded"}
-                continue
-            if r["id"] not in est and estimate:
-                for alias, spec in models.items():
-                    if spec["name"] not in counters:
-                        from hydra.utils import instantiate
-
-                        path = instantiate(spec["source"]).materialize(None, "bfloat16").path
-                        counters[spec["name"]] = hf_counters(path)
-                try:
-                    est[r["id"]] = estimated_calls(r, run.config, {a: counters[m["name"]][0] for a, m in models.items()},
-                                                   {a: counters[m["name"]][1] for a, m in models.items()})
-                except NotEstimable:
-                    est[r["id"]] = None
-            if est.get(r["id"]) is not None:
+            elif est.get(r["id"]) is not None:
                 calls.setdefault(key, {})[r["id"]] = {"calls": est[r["id"]], "how": "estimated"}
     if estimate:
         out.write_text(json.dumps({k: v for k, v in cached.items() if v}, indent=0, sort_keys=True))
